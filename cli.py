@@ -1,0 +1,115 @@
+"""The `compress` command line.
+
+    compress run recipe.yaml [--set passes.0.wanda.sparsity=0.6] [--output DIR]
+    compress eval MODEL [--dataset wikitext2] [--reference MODEL]
+    compress passes
+
+Bad input prints one line, `compress: error: ...`, and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compress", description="Post-training compression of causal LMs.")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a recipe: calibrate, compress, evaluate, save")
+    r.add_argument("recipe", help="recipe YAML file")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. passes.0.wanda.sparsity=0.6 (repeatable)")
+    r.add_argument("--output", help="output folder (overrides the recipe's output)")
+
+    e = sub.add_parser("eval", help="perplexity of a model (and KL / top-1 against a reference)")
+    e.add_argument("model", help="output folder, hub id, .gguf file or smollm2-135m")
+    e.add_argument("--reference", help="model to compare against (KL divergence, top-1 agreement)")
+    e.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "c4"])
+    e.add_argument("--split", default="test")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--data-dir", default=None, help="local folder laid out like shared/data "
+                   "(default: $COMPRESS_DATA_DIR, else the Hugging Face hub)")
+    e.add_argument("--device", default=None)
+
+    sub.add_parser("passes", help="list the passes with their arguments and defaults")
+    return p
+
+
+def cmd_run(args) -> int:
+    from compress.pipeline import run_recipe
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    report = run_recipe(recipe, output=args.output)
+    print(json.dumps({"summary": report["summary"], "eval": report["eval"]}, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from compress.models import load_model
+    from compress.pipeline import eval_windows_for, evaluate_model
+    from compress.recipe import parse_recipe
+
+    raw = {"model": args.model, "passes": [{"magnitude": {}}],
+           "eval": {"dataset": args.dataset, "split": args.split, "seqlen": args.seqlen,
+                    "max_windows": args.max_windows, "batch_size": args.batch_size, "data_dir": args.data_dir}}
+    cfg = parse_recipe(raw).eval  # validates the numbers like a recipe would
+    model, tokenizer = load_model(args.model)
+    windows = eval_windows_for(cfg, tokenizer)
+    result, reference = {}, None
+    if args.reference:
+        from compress.eval import ReferenceLogProbs
+
+        ref_model, _ = load_model(args.reference)
+        reference = ReferenceLogProbs()
+        result["reference"] = evaluate_model(ref_model, windows, cfg, args.device, record=reference, desc="eval reference")
+        del ref_model
+    try:
+        result["model"] = evaluate_model(model, windows, cfg, args.device, reference=reference)
+    finally:
+        if reference is not None:
+            reference.close()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from compress.passes import REGISTRY
+
+    for name, (cls, fn) in sorted(REGISTRY.items()):
+        doc = (sys.modules[fn.__module__].__doc__ or "").strip().split("\n\n")[0]
+        print(f"{name}: {' '.join(doc.split())}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"    {f.name} = {default!r}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from compress.errors import CompressError
+
+    try:
+        return {"run": cmd_run, "eval": cmd_eval, "passes": cmd_passes}[args.command](args)
+    except CompressError as e:
+        print(f"compress: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"compress: numerical fault: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("compress: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""compress: post-training compression of large language models.
+
+    import compress
+    model, report = compress.run(model, [compress.Wanda(sparsity=0.5, pattern="2:4")], calib=ids)
+"""
+from compress.api import run  # noqa: F401
+from compress.errors import CompressError  # noqa: F401
+from compress.passes import Magnitude, SparseGPT, Wanda  # noqa: F401
+from compress.passes import MagnitudeConfig, SparseGPTConfig, WandaConfig  # noqa: F401
+
+__version__ = "0.1.0"

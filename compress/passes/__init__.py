@@ -1,0 +1,5 @@
+"""The pass registry: one file per algorithm; importing it registers the pass."""
+from compress.passes.base import REGISTRY, Layer, PassConfig, make_config  # noqa: F401
+from compress.passes.magnitude import Magnitude, MagnitudeConfig  # noqa: F401
+from compress.passes.wanda import Wanda, WandaConfig  # noqa: F401
+from compress.passes.sparsegpt import SparseGPT, SparseGPTConfig  # noqa: F401

@@ -1,0 +1,210 @@
+"""What every pass shares: the config base class, the per-layer view a pass works on,
+the registry, and the sparsity-mask helpers.
+
+A pass is a config dataclass plus one function `fn(layer, cfg)` that does the math on a
+single linear layer (rule 2 of the developers' guide). The runner builds the `Layer`,
+calls the function, and writes `layer.W` back into the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from compress.errors import CompressError
+from compress.stats import InputStats
+
+
+@dataclass
+class PassConfig:
+    """Base of every pass config. Subclasses are dataclasses whose fields are the
+    pass's YAML arguments. `targets` / `ignore` are regular expressions on the
+    linear layer's qualified name (e.g. ``model.layers.3.mlp.down_proj``)."""
+
+    targets: list = field(default_factory=lambda: [r".*"])
+    ignore: list = field(default_factory=list)
+
+    # Which statistics the pass needs from the runner (class-level, not YAML fields).
+    needs_stats = True  # per-input count / sum / sum of squares
+    needs_xtx = False   # the full X^T X in fp32 (SparseGPT, GPTQ)
+
+    def validate(self) -> None:
+        for key in ("targets", "ignore"):
+            pats = getattr(self, key)
+            if not isinstance(pats, list) or not all(isinstance(p, str) for p in pats):
+                raise CompressError(f"{self.name}.{key}: expected a list of regular expressions")
+            for p in pats:
+                try:
+                    re.compile(p)
+                except re.error as e:
+                    raise CompressError(f"{self.name}.{key}: bad regular expression {p!r} ({e})") from None
+
+    def applies_to(self, name: str) -> bool:
+        hit = any(re.search(p, name) for p in self.targets)
+        return hit and not any(re.search(p, name) for p in self.ignore)
+
+    @property
+    def name(self) -> str:
+        return _NAME_OF[type(self)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Layer:
+    """One linear layer as a pass sees it.
+
+    W        [out, in] fp32 working weight; passes replace or edit it in place.
+             (GPT-2's Conv1D stores [in, out]; the runner hands it over transposed.)
+    W_dense  [out, in] the weight before this sweep touched it (read only).
+    stats    statistics of the layer's input X over the calibration tokens.
+    """
+
+    name: str
+    W: torch.Tensor
+    W_dense: torch.Tensor
+    stats: Optional[InputStats]
+    info: dict = field(default_factory=dict)  # per-layer notes a pass adds to report.json
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Kept weights (True) as the layer stands now."""
+        return self.W != 0
+
+
+# ----------------------------------------------------------------------------- registry
+
+PassFn = Callable[[Layer, PassConfig], None]
+REGISTRY: dict[str, tuple[type, PassFn]] = {}
+_NAME_OF: dict[type, str] = {}
+
+
+def register(name: str, config_cls: type):
+    """Decorator: `@register("wanda", WandaConfig)` on the pass function."""
+
+    def wrap(fn: PassFn) -> PassFn:
+        REGISTRY[name] = (config_cls, fn)
+        _NAME_OF[config_cls] = name
+        return fn
+
+    return wrap
+
+
+def make_config(name: str, args: Optional[dict]) -> PassConfig:
+    """Build and validate a config from a recipe entry `{name: {args}}`."""
+    if name not in REGISTRY:
+        raise CompressError(f"passes: unknown pass {name!r}; valid passes: {', '.join(sorted(REGISTRY))}")
+    cls, _ = REGISTRY[name]
+    args = dict(args or {})
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(args) - valid)
+    if unknown:
+        raise CompressError(f"{name}: unknown argument {unknown[0]!r}; valid arguments: {', '.join(sorted(valid))}")
+    try:
+        cfg = cls(**args)
+    except TypeError as e:
+        raise CompressError(f"{name}: {e}") from None
+    cfg.validate()
+    return cfg
+
+
+def pass_fn(cfg: PassConfig) -> PassFn:
+    return REGISTRY[cfg.name][1]
+
+
+# ----------------------------------------------------------------------------- sparsity
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_pattern(pattern: str, field_name: str) -> Optional[tuple[int, int]]:
+    """'unstructured' -> None; 'N:M' -> (N, M): keep at most N of every M consecutive
+    inputs (NVIDIA's convention: 2:4 keeps 2 of 4)."""
+    if pattern == "unstructured":
+        return None
+    m = _NM.match(str(pattern))
+    if not m or not (0 < int(m.group(1)) < int(m.group(2))):
+        raise CompressError(f"{field_name}: expected 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass
+class SparsityConfig(PassConfig):
+    """Shared fields of the pruning passes.
+
+    sparsity  fraction of weights set to zero, in [0, 1); with an N:M pattern it is
+              1 - N/M and may be left out.
+    pattern   'unstructured' or 'N:M' (keep N of every M consecutive inputs).
+    scope     'row' ranks weights within each output row (Wanda's comparison group),
+              'layer' ranks the whole matrix at once (unstructured only).
+    """
+
+    sparsity: Optional[float] = None
+    pattern: str = "unstructured"
+    scope: str = "row"
+
+    def validate(self) -> None:
+        super().validate()
+        nm = parse_pattern(self.pattern, f"{self.name}.pattern")
+        if self.sparsity is not None:
+            if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+                raise CompressError(f"{self.name}.sparsity: expected a number in [0, 1), got {self.sparsity!r}")
+            if nm and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+                raise CompressError(
+                    f"{self.name}.sparsity: pattern {self.pattern} fixes sparsity at {1 - nm[0] / nm[1]:g}, got {self.sparsity}")
+        if self.scope not in ("row", "layer"):
+            raise CompressError(f"{self.name}.scope: expected 'row' or 'layer', got {self.scope!r}")
+
+    @property
+    def nm(self) -> Optional[tuple[int, int]]:
+        return parse_pattern(self.pattern, f"{self.name}.pattern")
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = self.nm
+        if nm:
+            return 1 - nm[0] / nm[1]
+        return 0.5 if self.sparsity is None else float(self.sparsity)
+
+
+def check_nm_fits(layer_name: str, d_in: int, nm: tuple[int, int]) -> None:
+    if d_in % nm[1]:
+        raise CompressError(f"pattern {nm[0]}:{nm[1]}: layer {layer_name} has input size {d_in}, not a multiple of {nm[1]}")
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n highest scores in every group of m consecutive inputs.
+    score [out, in] -> bool mask [out, in]."""
+    out, d_in = score.shape
+    groups = score.reshape(out, d_in // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, groups.topk(n, dim=2).indices, True)
+    return keep.reshape(out, d_in)
+
+
+def topk_mask(score: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
+    """Prune the lowest `sparsity` fraction of scores per row ('row') or over the whole
+    matrix ('layer'). Ties are broken by index, so exactly that count is pruned."""
+    if scope == "row":
+        k = int(score.shape[1] * sparsity)
+        drop = score.argsort(dim=1, stable=True)[:, :k]
+        keep = torch.ones_like(score, dtype=torch.bool)
+        keep.scatter_(1, drop, False)
+        return keep
+    k = int(score.numel() * sparsity)
+    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    keep[score.flatten().argsort(stable=True)[:k]] = False
+    return keep.reshape(score.shape)
+
+
+def prune_by_score(score: torch.Tensor, cfg: SparsityConfig, layer_name: str) -> torch.Tensor:
+    """The mask a score implies under the config's pattern. score [out, in]."""
+    nm = cfg.nm
+    if nm:
+        check_nm_fits(layer_name, score.shape[1], nm)
+        return nm_mask(score, *nm)
+    return topk_mask(score, cfg.target_sparsity, cfg.scope)

@@ -1,0 +1,76 @@
+"""`compress run recipe.yaml`: load, calibrate, compress, evaluate, save."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from compress.api import as_configs, peak_rss_mib, run, versions
+from compress.errors import CompressError
+from compress.models import load_model
+from compress.recipe import EvalConfig, Recipe
+from compress.runner import preflight
+
+log = logging.getLogger(__name__)
+
+
+def eval_windows_for(cfg: EvalConfig, tokenizer) -> torch.Tensor:
+    from calib import load_text
+    from compress.eval import eval_windows
+
+    text = load_text(cfg.dataset, cfg.split, cfg.data_dir)
+    return eval_windows(tokenizer, text, cfg.seqlen, cfg.max_windows)
+
+
+def evaluate_model(model, windows, cfg: EvalConfig, device=None, record=None, reference=None, desc="eval") -> dict:
+    from compress.eval import evaluate
+
+    return evaluate(model, windows, batch_size=cfg.batch_size, record=record, reference=reference,
+                    device=device, desc=desc)
+
+
+def run_recipe(recipe: Recipe, output: Optional[str] = None) -> dict:
+    """Run a validated recipe; return its report (also written beside the output)."""
+    from calib import load_calibration
+    from compress.checkpoint import save
+    from compress.eval import ReferenceLogProbs
+
+    out_dir = output or recipe.output.dir
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise CompressError(f"output.dir: {out_dir!r} exists and is not a folder")  # before the long run
+    t_start = time.perf_counter()
+    model, tokenizer = load_model(recipe.model, getattr(torch, recipe.dtype))
+    configs = as_configs(recipe.passes)
+    preflight(model, configs)
+    # Evaluation data first: a missing data set should fail before minutes of work.
+    windows = eval_windows_for(recipe.eval, tokenizer) if recipe.eval else None
+    ids = load_calibration(recipe.calib, tokenizer, model)
+
+    evaluation, reference = {}, None
+    if windows is not None and recipe.eval.compare:
+        reference = ReferenceLogProbs()
+        evaluation["dense"] = evaluate_model(model, windows, recipe.eval, recipe.runner.device,
+                                             record=reference, desc="eval dense")
+    try:
+        model, report = run(model, configs, ids, device=recipe.runner.device,
+                            batch_size=recipe.runner.batch_size, true_sequential=recipe.runner.true_sequential)
+        if windows is not None:
+            evaluation["compressed"] = evaluate_model(model, windows, recipe.eval, recipe.runner.device,
+                                                      reference=reference, desc="eval compressed")
+    finally:
+        if reference is not None:
+            reference.close()
+    report = {"model": recipe.model, "recipe_sha256": recipe.sha256, **report,
+              "calibration": {**report["calibration"], "source": recipe.calib.source, "seed": recipe.calib.seed},
+              "eval": evaluation or None}
+    report["summary"]["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    report["summary"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    report["versions"] = versions()
+    if out_dir is not None:
+        save(out_dir, model, tokenizer, recipe=recipe.raw, report=report, dtype=recipe.output.dtype)
+    for name, ev in evaluation.items():
+        log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)))
+    return report

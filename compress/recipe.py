@@ -1,0 +1,169 @@
+"""Recipes: YAML that names a model, calibration data, passes, evaluation and output.
+
+    model: smollm2-135m
+    calib: {source: c4, nsamples: 128, seqlen: 512, seed: 0}
+    passes:
+      - wanda: {sparsity: 0.5, pattern: "2:4"}
+    runner: {device: cpu, batch_size: 8, true_sequential: false}
+    eval: {dataset: wikitext2, split: test, seqlen: 512, max_windows: 64}
+    output: out/wanda-2of4          # or {dir: out/wanda-2of4, dtype: float16}
+
+Everything is validated before any heavy work starts; a problem is one CompressError
+naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from compress.errors import CompressError
+
+TOP_KEYS = ("model", "dtype", "calib", "passes", "runner", "eval", "output")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class RunnerConfig:
+    device: Optional[str] = None   # cpu | cuda | cuda:N; default: cuda if present
+    batch_size: int = 8            # calibration sequences per forward
+    true_sequential: bool = False  # re-collect statistics between qkv -> o -> gate/up -> down
+
+
+@dataclass
+class EvalConfig:
+    dataset: str = "wikitext2"     # wikitext2 | c4
+    split: str = "test"
+    seqlen: int = 512
+    max_windows: Optional[int] = None
+    batch_size: int = 4
+    compare: bool = True           # also evaluate the dense model: KL and top-1 agreement
+    data_dir: Optional[str] = None
+
+
+@dataclass
+class OutputConfig:
+    dir: Optional[str] = None
+    dtype: Optional[str] = None    # cast the saved weights; default: the model's dtype
+
+
+def _build(cls, data, section: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise CompressError(f"{section}: expected a mapping, got {data!r}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in valid:
+            raise CompressError(f"{section}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+    return cls(**data)
+
+
+def _check_int(value, name: str, lo: int = 1, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise CompressError(f"{name}: expected an integer >= {lo}, got {value!r}")
+
+
+def _check_bool(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise CompressError(f"{name}: expected true or false, got {value!r}")
+
+
+@dataclass
+class Recipe:
+    model: str
+    passes: list
+    calib: Any = None                  # calib.CalibConfig
+    dtype: str = "float32"
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    eval: Optional[EvalConfig] = None
+    output: OutputConfig = field(default_factory=OutputConfig)
+    raw: dict = field(default_factory=dict)  # the resolved YAML mapping
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(yaml.safe_dump(self.raw, sort_keys=True).encode()).hexdigest()
+
+
+def set_override(raw: dict, assignment: str) -> None:
+    """Apply `--set a.b.0.c=value` (value parsed as YAML) to the recipe mapping."""
+    if "=" not in assignment:
+        raise CompressError(f"--set: expected KEY=VALUE, got {assignment!r}")
+    path, value = assignment.split("=", 1)
+    keys = path.split(".")
+    node: Any = raw
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise CompressError(f"--set {path}: {'.'.join(keys[:i]) or 'recipe'} has no item {key!r}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise CompressError(f"--set {path}: {'.'.join(keys[:i])} is not a mapping")
+        if last:
+            node[key] = yaml.safe_load(value)
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+
+
+def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
+    """Validate a recipe mapping (after `--set` overrides) into a Recipe."""
+    from calib import CalibConfig
+    from compress.api import as_configs
+
+    if not isinstance(raw, dict):
+        raise CompressError("recipe: expected a YAML mapping with keys " + ", ".join(TOP_KEYS))
+    for a in overrides or []:
+        set_override(raw, a)
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise CompressError(f"recipe: unknown key {key!r}; valid keys: {', '.join(TOP_KEYS)}")
+    if not isinstance(raw.get("model"), str) or not raw["model"]:
+        raise CompressError("model: expected a hub id, a local folder, a .gguf file or 'smollm2-135m'")
+    if raw.get("dtype", "float32") not in DTYPES:
+        raise CompressError(f"dtype: expected one of {', '.join(DTYPES)}, got {raw['dtype']!r}")
+    if not isinstance(raw.get("passes"), list) or not raw["passes"]:
+        raise CompressError("passes: expected a non-empty list of {pass_name: {arguments}}")
+    as_configs(raw["passes"])  # validates every pass and argument
+    calib = _build(CalibConfig, raw.get("calib"), "calib")
+    calib.validate()
+    runner = _build(RunnerConfig, raw.get("runner"), "runner")
+    _check_int(runner.batch_size, "runner.batch_size")
+    _check_bool(runner.true_sequential, "runner.true_sequential")
+    if runner.device is not None and not str(runner.device).split(":")[0] in ("cpu", "cuda", "mps"):
+        raise CompressError(f"runner.device: expected cpu, cuda or cuda:N, got {runner.device!r}")
+    ev = None if raw.get("eval") is None else _build(EvalConfig, raw["eval"], "eval")
+    if ev is not None:
+        if ev.dataset not in ("wikitext2", "c4"):
+            raise CompressError(f"eval.dataset: expected wikitext2 or c4, got {ev.dataset!r}")
+        _check_int(ev.seqlen, "eval.seqlen", lo=2)
+        _check_int(ev.max_windows, "eval.max_windows", optional=True)
+        _check_int(ev.batch_size, "eval.batch_size")
+        _check_bool(ev.compare, "eval.compare")
+    out = raw.get("output")
+    output = _build(OutputConfig, {"dir": out} if isinstance(out, str) else out, "output")
+    if output.dtype is not None and output.dtype not in DTYPES:
+        raise CompressError(f"output.dtype: expected one of {', '.join(DTYPES)}, got {output.dtype!r}")
+    return Recipe(model=raw["model"], passes=raw["passes"], calib=calib, dtype=raw.get("dtype", "float32"),
+                  runner=runner, eval=ev, output=output, raw=raw)
+
+
+def load_recipe(path: str, overrides: Optional[list[str]] = None) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise CompressError(f"recipe: file {path!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise CompressError(f"recipe: {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse_recipe(raw, overrides)

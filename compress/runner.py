@@ -1,0 +1,231 @@
+"""The sequential runner: the one loop in the repo that walks the decoder blocks.
+
+For each block: put it on the device, run one forward over the calibration batch with
+hooks that accumulate each distinct linear input's statistics, run the sweep's passes
+layer by layer, then run the *compressed* block to produce the next block's inputs
+(so later blocks calibrate on what they will really see), and free the block.
+
+    hidden [batch, seq, d_model] per calibration batch, kept on `act_device`
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.errors import CompressError
+from compress.models import block_linears, find_blocks, get_weight, set_weight
+from compress.passes.base import PassConfig, pass_fn
+from compress.stats import InputStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockInput:
+    """What block 0 received for one calibration batch: hidden states plus every other
+    positional and keyword argument (attention mask, position ids, rotary embeddings,
+    cache flags...), captured rather than rebuilt so any architecture works."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _move_all_but(module: nn.Module, blocks: nn.Module, device) -> None:
+    """Move every parameter and buffer outside `blocks` to `device` (embeddings, rotary
+    tables, final norm), leaving the blocks where they are."""
+    for child in module.children():
+        if child is blocks:
+            continue
+        if any(m is blocks for m in child.modules()):
+            _move_all_but(child, blocks, device)
+        else:
+            child.to(device)
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for name, b in module.named_buffers(recurse=False):
+        setattr(module, name, b.to(device))
+
+
+@torch.no_grad()
+def capture_inputs(model, blocks, ids: torch.LongTensor, batch_size: int, device, act_device) -> list[BlockInput]:
+    """Run the model up to block 0 for each batch of `ids` [n, seq] and keep its inputs."""
+    cache: list[BlockInput] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        cache.append(BlockInput(hidden.to(act_device), tuple(args[1:]), dict(kwargs)))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in range(0, ids.shape[0], batch_size):
+            try:
+                model(ids[b:b + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return cache
+
+
+@torch.no_grad()
+def forward_block(block, inp: BlockInput, device) -> torch.Tensor:
+    return _first(block(inp.hidden.to(device), *inp.args, **inp.kwargs))
+
+
+@torch.no_grad()
+def collect_stats(block, linears: dict, inputs: list[BlockInput], want_xtx: bool, device,
+                  max_batches: Optional[int] = None) -> dict[str, InputStats]:
+    """One forward over the calibration batches with hooks on `linears`.
+
+    Layers that read the very same tensor (q/k/v, gate/up) share one InputStats, so
+    their X^T X is accumulated once. Returns {layer name: stats}; iteration order is
+    the order in which the distinct inputs were first seen (execution order)."""
+    stats: dict[str, InputStats] = {}
+    owner: dict[str, str] = {}
+    seen: list[tuple[torch.Tensor, str]] = []  # first batch only: (input tensor, its owner)
+
+    def make_hook(name):
+        def hook(module, args, out):
+            x = args[0]
+            if name not in owner:
+                twin = next((o for t, o in seen if t is x), None)
+                owner[name] = twin or name
+                if twin is None:
+                    stats[name] = InputStats(x.shape[-1], want_xtx, x.device)
+                    seen.append((x, name))
+                else:
+                    stats[name] = stats[twin]
+            if owner[name] == name:
+                stats[name].update(x)
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        for k, inp in enumerate(inputs[:max_batches]):
+            forward_block(block, inp, device)
+            seen.clear()  # drop references to the first batch's activations
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def input_groups(stats: dict[str, InputStats]) -> list[list[str]]:
+    """Layers grouped by shared input, in execution order: qkv -> o -> gate/up -> down."""
+    groups: dict[int, list[str]] = {}
+    for name, s in stats.items():
+        groups.setdefault(id(s), []).append(name)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def compress_linear(name: str, module: nn.Module, stats: Optional[InputStats], sweep: list[PassConfig]) -> Optional[dict]:
+    """Run every pass of the sweep that targets this layer; return its report row."""
+    from compress.passes.base import Layer
+
+    todo = [cfg for cfg in sweep if cfg.applies_to(name)]
+    if not todo:
+        return None
+    W = get_weight(module).detach().float().clone()      # [out, in]
+    layer = Layer(name, W, W.clone(), stats)
+    t0 = time.perf_counter()
+    for cfg in todo:
+        pass_fn(cfg)(layer, cfg)
+        if not torch.isfinite(layer.W).all():
+            raise FloatingPointError(f"{name}: non-finite weights after pass {cfg.name}")
+    seconds = time.perf_counter() - t0
+    set_weight(module, layer.W)
+    rel = stats.relative_error(layer.W_dense, layer.W) if stats is not None else None
+    return {"layer": name, "passes": [c.name for c in todo], "shape": list(W.shape),
+            "sparsity": float((layer.W == 0).float().mean()), "rel_error": rel,
+            "seconds": round(seconds, 4), **layer.info}
+
+
+def _check_finite(hidden: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(hidden).all():
+        raise FloatingPointError(f"non-finite activations at the output of {where}")
+
+
+@torch.no_grad()
+def compress_block(block, prefix: str, inputs: list[BlockInput], sweep: list[PassConfig],
+                   device, true_sequential: bool) -> list[dict]:
+    """Statistics, passes and report rows for one block (already on `device`)."""
+    linears = {f"{prefix}.{n}": m for n, m in block_linears(block).items()}
+    linears = {n: m for n, m in linears.items() if any(c.applies_to(n) for c in sweep)}
+    want_stats = any(c.needs_stats for c in sweep)
+    want_xtx = any(c.needs_xtx for c in sweep)
+    if not want_stats:
+        return [r for n, m in linears.items() if (r := compress_linear(n, m, None, sweep))]
+    if not true_sequential:
+        stats = collect_stats(block, linears, inputs, want_xtx, device)
+        return [r for n, m in linears.items() if (r := compress_linear(n, m, stats[n], sweep))]
+    # true_sequential: re-collect statistics before each group of layers that share an
+    # input, so that o_proj calibrates on the output of the already-compressed q/k/v.
+    groups = input_groups(collect_stats(block, linears, inputs, False, device, max_batches=1))
+    rows = []
+    for group in groups:
+        sub = {n: linears[n] for n in group}
+        stats = collect_stats(block, sub, inputs, want_xtx, device)
+        rows += [r for n, m in sub.items() if (r := compress_linear(n, m, stats[n], sweep))]
+    return rows
+
+
+@torch.no_grad()
+def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=None,
+              batch_size: int = 8, true_sequential: bool = False, act_device=None) -> list[dict]:
+    """Apply one sweep of layer passes to every decoder block, in order.
+
+    ids [nsamples, seqlen] calibration token ids. Returns per-layer report rows."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    act_device = torch.device(act_device or device)
+    prefix, blocks = find_blocks(model)
+    home = next(model.parameters()).device
+    _move_all_but(model, blocks, device)
+    rows: list[dict] = []
+    inputs = capture_inputs(model, blocks, ids, batch_size, device, act_device) \
+        if any(c.needs_stats for c in sweep) else []
+    for i in tqdm(range(len(blocks)), desc="blocks", unit="block"):
+        block = blocks[i].to(device)
+        rows += compress_block(block, f"{prefix}.{i}", inputs, sweep, device, true_sequential)
+        if inputs and i + 1 < len(blocks):
+            for inp in inputs:  # propagate through the compressed block
+                inp.hidden = forward_block(block, inp, device).to(act_device)
+                _check_finite(inp.hidden, f"{prefix}.{i}")
+        blocks[i].to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _move_all_but(model, blocks, home)
+    return rows
+
+
+def preflight(model, sweep: list[PassConfig]) -> None:
+    """Catch configuration errors before any heavy work: every pass must target at
+    least one linear layer, and N:M patterns must divide each targeted layer's input."""
+    from compress.passes.base import check_nm_fits
+
+    prefix, blocks = find_blocks(model)
+    names = {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+    for cfg in sweep:
+        hits = [n for n in names if cfg.applies_to(n)]
+        if not hits:
+            raise CompressError(f"{cfg.name}.targets: no linear layer of the decoder blocks matches {cfg.targets}")
+        nm = getattr(cfg, "nm", None)
+        if nm:
+            for n in hits:
+                check_nm_fits(n, get_weight(names[n]).shape[1], nm)

@@ -1,0 +1,69 @@
+"""Calibration statistics of one linear layer's input X, accumulated over tokens.
+
+One `InputStats` per *distinct* input tensor: q/k/v (and gate/up) read the same
+normalized hidden state, so they share one object and the work is done once.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class InputStats:
+    """Running count, sum, sum of squares and (optionally) X^T X of rows x in R^d_in.
+
+    n       number of tokens seen
+    sum     [d_in]  sum_t x_t                (fp64: long sums of activations)
+    sumsq   [d_in]  sum_t x_t^2              (fp64)
+    xtx     [d_in, d_in] sum_t x_t x_t^T     (fp32; only when a pass needs it)
+    """
+
+    def __init__(self, d_in: int, want_xtx: bool, device: torch.device):
+        self.n = 0
+        self.sum = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.xtx: Optional[torch.Tensor] = (
+            torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if want_xtx else None)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [tokens, d_in]
+        self.n += x.shape[0]
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.sumsq += x.square().sum(0, dtype=torch.float64)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.T, x)
+
+    # -- derived quantities passes ask for -------------------------------------------
+    @property
+    def mean(self) -> torch.Tensor:
+        """E[x_j], [d_in] fp32."""
+        return (self.sum / max(self.n, 1)).float()
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Var[x_j] (population), [d_in] fp32."""
+        m = self.sum / max(self.n, 1)
+        return (self.sumsq / max(self.n, 1) - m * m).clamp_min(0).float()
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """||X_j||_2 over all tokens, [d_in] fp32 (Wanda's activation norm)."""
+        return self.sumsq.sqrt().float()
+
+    def hessian(self) -> torch.Tensor:
+        """H = (2/n) X^T X, [d_in, d_in] fp32 (SparseGPT / GPTQ's layer-wise Hessian)."""
+        if self.xtx is None:
+            raise RuntimeError("X^T X was not collected: the pass must set needs_xtx = True")
+        return self.xtx * (2.0 / max(self.n, 1))
+
+    def relative_error(self, W: torch.Tensor, W_hat: torch.Tensor) -> Optional[float]:
+        """||(W - W_hat) X||^2 / ||W X||^2 = tr(D X^T X D^T) / tr(W X^T X W^T), or None
+        without X^T X. W, W_hat [out, in]."""
+        if self.xtx is None:
+            return None
+        D = (W - W_hat).float()
+        num = ((D @ self.xtx) * D).sum()
+        den = ((W.float() @ self.xtx) * W.float()).sum()
+        return float(num / den) if den > 0 else 0.0

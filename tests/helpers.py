@@ -1,0 +1,42 @@
+"""Small builders shared by the pass tests."""
+from __future__ import annotations
+
+import torch
+
+from compress.passes.base import Layer, make_config, pass_fn
+from compress.stats import InputStats
+
+
+def stats_of(X: torch.Tensor, xtx: bool = True) -> InputStats:
+    """InputStats of calibration inputs X [tokens, d_in]."""
+    s = InputStats(X.shape[1], xtx, X.device)
+    s.update(X)
+    return s
+
+
+def apply(name: str, W: torch.Tensor, stats, **args) -> torch.Tensor:
+    """Run pass `name` on a copy of W [out, in]; return the new weight."""
+    cfg = make_config(name, args)
+    layer = Layer("layer", W.clone().float(), W.clone().float(), stats)
+    pass_fn(cfg)(layer, cfg)
+    return layer.W
+
+
+def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Tokens [n, d] with strongly correlated features and a few large-norm ("outlier")
+    channels, like LLM activations."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(n, d, generator=g)
+    mix = torch.eye(d) + torch.randn(d, d, generator=g) / d ** 0.5
+    scale = torch.exp(0.75 * torch.randn(d, generator=g))
+    return (Z @ mix) * scale
+
+
+def is_nm(W: torch.Tensor, n: int, m: int) -> bool:
+    """Every group of m consecutive inputs of every row holds at most n non-zeros."""
+    return bool(((W.reshape(W.shape[0], -1, m) != 0).sum(-1) <= n).all())
+
+
+def output_error(W, W_hat, X) -> float:
+    """||(W - W_hat) X^T||^2 / ||W X^T||^2 on inputs X [tokens, in]."""
+    return float(((X @ (W - W_hat).T) ** 2).sum() / ((X @ W.T) ** 2).sum())

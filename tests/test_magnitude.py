@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from compress.errors import CompressError
+from helpers import apply, is_nm
+
+
+def test_hand_computed_rows():
+    W = torch.tensor([[1.0, -4.0, 2.0, 3.0],
+                      [0.5, 0.1, -0.2, 8.0]])
+    got = apply("magnitude", W, None, sparsity=0.5)
+    assert torch.equal(got, torch.tensor([[0.0, -4.0, 0.0, 3.0],
+                                          [0.5, 0.0, 0.0, 8.0]]))
+
+
+def test_layer_scope_ranks_whole_matrix():
+    W = torch.tensor([[1.0, 2.0, 3.0, 4.0],
+                      [10.0, 20.0, 30.0, 40.0]])
+    got = apply("magnitude", W, None, sparsity=0.5, scope="layer")
+    assert torch.equal(got, torch.tensor([[0.0, 0.0, 0.0, 0.0],
+                                          [10.0, 20.0, 30.0, 40.0]]))
+
+
+@pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("4:8", 4, 8), ("1:4", 1, 4)])
+def test_nm_exact(pattern, n, m):
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    got = apply("magnitude", W, None, pattern=pattern)
+    assert is_nm(got, n, m)
+    assert float((got == 0).float().mean()) == pytest.approx(1 - n / m)
+    kept = got != 0
+    assert torch.equal(got[kept], W[kept])  # magnitude never changes kept weights
+
+
+def test_row_sparsity_exact():
+    W = torch.randn(8, 100, generator=torch.Generator().manual_seed(2))
+    got = apply("magnitude", W, None, sparsity=0.3)
+    assert ((got == 0).sum(1) == 30).all()
+
+
+@pytest.mark.parametrize("args,field", [
+    ({"sparsity": 1.0}, "magnitude.sparsity"),
+    ({"sparsity": -0.1}, "magnitude.sparsity"),
+    ({"pattern": "3:2"}, "magnitude.pattern"),
+    ({"pattern": "2:4", "sparsity": 0.7}, "magnitude.sparsity"),
+    ({"scope": "column"}, "magnitude.scope"),
+    ({"sparsty": 0.5}, "sparsty"),
+])
+def test_bad_arguments_name_the_field(args, field):
+    with pytest.raises(CompressError, match=field):
+        apply("magnitude", torch.ones(2, 4), None, **args)
+
+
+def test_nm_on_indivisible_layer_names_layer():
+    with pytest.raises(CompressError, match="layer layer has input size 6"):
+        apply("magnitude", torch.ones(2, 6), None, pattern="2:4")
