@@ -4,6 +4,7 @@
     model, report = compress.run(model, [compress.Wanda(sparsity=0.5, pattern="2:4")], calib=ids)
 """
 from compress.api import run  # noqa: F401
+from compress.checkpoint import load, save  # noqa: F401
 from compress.errors import CompressError  # noqa: F401
 from compress.passes import Magnitude, SparseGPT, Wanda  # noqa: F401
 from compress.passes import MagnitudeConfig, SparseGPTConfig, WandaConfig  # noqa: F401

@@ -11,7 +11,7 @@ import torch
 
 from compress.errors import CompressError
 from compress.passes.base import PassConfig, make_config
-from compress.runner import run_sweep
+from compress.runner import fast_dtype, run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,14 @@ def versions() -> dict:
 
 
 def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
-        device: Optional[str] = None, batch_size: int = 8, true_sequential: bool = False):
+        device: Optional[str] = None, batch_size: int = 8, true_sequential: bool = False,
+        compute_dtype: Optional[str] = None):
     """Compress `model` in place with `passes`; return (model, report).
 
     calib: token ids [nsamples, seqlen] or a `calib.CalibConfig` (then `tokenizer` is
-    needed; source 'self' samples from `model`)."""
+    needed; source 'self' samples from `model`). compute_dtype: dtype name of the
+    calibration forwards; None picks bf16 for an fp32 model on a CPU with native bf16,
+    else the model's dtype (statistics and pass math are fp32 either way)."""
     configs = as_configs(passes)
     if not configs:
         raise CompressError("passes: expected at least one pass")
@@ -59,8 +62,9 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
     if calib.dim() != 2:
         raise CompressError(f"calib: expected token ids of shape [nsamples, seqlen], got {tuple(calib.shape)}")
     t0 = time.perf_counter()
+    dtype = getattr(torch, compute_dtype) if compute_dtype else None
     layers = run_sweep(model, configs, calib, device=device, batch_size=batch_size,
-                       true_sequential=true_sequential)
+                       true_sequential=true_sequential, compute_dtype=dtype)
     seconds = time.perf_counter() - t0
     numel = sum(r["shape"][0] * r["shape"][1] for r in layers)
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
@@ -68,6 +72,8 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         "passes": [{c.name: c.to_dict()} for c in configs],
         "calibration": {"nsamples": calib.shape[0], "seqlen": calib.shape[1]},
         "true_sequential": true_sequential,
+        "compute_dtype": str(dtype or fast_dtype(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+                                                 next(model.parameters()).dtype)).replace("torch.", ""),
         "summary": {"layers": len(layers), "sparsity": zeros / max(numel, 1),
                     "seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib(), 1)},
         "layers": layers,

