@@ -68,7 +68,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -161,6 +160,12 @@ def build_recipe(args: argparse.Namespace, decoder_cls: str):
                               dampening_frac=args.dampening_frac)]
 
 
+def peak_rss_kib() -> int:
+    """Peak resident set size of this process image (VmHWM), in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
@@ -216,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(args.out / "weights.safetensors"))
 
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child would
+    # report its parent's peak; VmHWM belongs to this process image alone.
+    peak_rss_mib = peak_rss_kib() / 1024.0
     result = {
         "method": args.method,
         "sparsity": args.sparsity,

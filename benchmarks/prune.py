@@ -33,8 +33,6 @@ SETTINGS = {"50%": ("unstructured", 0.5), "4:8": ("4:8", 0.5), "2:4": ("2:4", 0.
 
 def worker_ours(args) -> None:
     """Subprocess: compress SmolLM2 with our pass; save weights and timings."""
-    import resource
-
     import torch
     from safetensors.torch import save_file
 
@@ -52,7 +50,10 @@ def worker_ours(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "weights.safetensors"))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child would
+    # report the (model-holding) parent's peak.
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     (out / "result.json").write_text(json.dumps({"seconds": seconds, "peak_rss_mib": rss}))
 
 

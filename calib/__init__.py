@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from compress.config import build_config
 from compress.errors import CompressError
 
 from .selfgen import generate_self
@@ -53,16 +54,7 @@ class CalibConfig:
     @classmethod
     def from_dict(cls, data: Optional[Mapping[str, Any]]) -> "CalibConfig":
         """Build from a recipe mapping; unknown keys are an error naming the key."""
-        if data is None:
-            return cls()
-        if not isinstance(data, Mapping):
-            raise CompressError(f"calib: expected a mapping, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                raise CompressError(
-                    f"calib.{key}: unknown field; expected one of {', '.join(names)}")
-        cfg = cls(**dict(data))
+        cfg = build_config(cls, None if data is None else dict(data), "calib")
         cfg.validate()
         return cfg
 

@@ -21,7 +21,7 @@ def eval_windows_for(cfg: EvalConfig, tokenizer) -> torch.Tensor:
     from calib import load_text
     from compress.eval import eval_windows
 
-    text = load_text(cfg.dataset, cfg.split, cfg.data_dir)
+    text = load_text(cfg.dataset, cfg.split, cfg.data_dir, prefix="eval.")
     return eval_windows(tokenizer, text, cfg.seqlen, cfg.max_windows)
 
 
@@ -71,7 +71,7 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None) -> dict:
     report["summary"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
     report["versions"] = versions()
     if out_dir is not None:
-        save(out_dir, model, tokenizer, recipe=recipe.raw, report=report, dtype=recipe.output.dtype)
+        save(out_dir, model, tokenizer, recipe=recipe.resolved(), report=report, dtype=recipe.output.dtype)
     for name, ev in evaluation.items():
         log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)))
     return report

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
+from compress.config import build_config as _build
 from compress.errors import CompressError
 
 class _Loader(yaml.SafeLoader):
@@ -57,7 +58,7 @@ class RunnerConfig:
 
 @dataclass
 class EvalConfig:
-    dataset: str = "wikitext2"     # wikitext2 | c4
+    dataset: str = "wikitext2"     # wikitext2 | c4 (split: validation) | ptb
     split: str = "test"
     seqlen: int = 512
     max_windows: Optional[int] = None
@@ -70,18 +71,6 @@ class EvalConfig:
 class OutputConfig:
     dir: Optional[str] = None
     dtype: Optional[str] = None    # cast the saved weights; default: the model's dtype
-
-
-def _build(cls, data, section: str):
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise CompressError(f"{section}: expected a mapping, got {data!r}")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in valid:
-            raise CompressError(f"{section}: unknown key {key!r}; valid keys: {', '.join(valid)}")
-    return cls(**data)
 
 
 def _check_int(value, name: str, lo: int = 1, optional: bool = False) -> None:
@@ -106,6 +95,16 @@ class Recipe:
     eval: Optional[EvalConfig] = None
     output: OutputConfig = field(default_factory=OutputConfig)
     raw: dict = field(default_factory=dict)  # the resolved YAML mapping
+
+    def resolved(self) -> dict:
+        """The recipe as it ran: every section with its defaults filled in."""
+        from compress.api import as_configs
+
+        asdict = dataclasses.asdict
+        return {"model": self.model, "dtype": self.dtype, "calib": asdict(self.calib),
+                "passes": [{c.name: c.to_dict()} for c in as_configs(self.passes)],
+                "runner": asdict(self.runner), "eval": asdict(self.eval) if self.eval else None,
+                "output": asdict(self.output)}
 
     @property
     def sha256(self) -> str:
@@ -154,8 +153,7 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
     if not isinstance(raw.get("passes"), list) or not raw["passes"]:
         raise CompressError("passes: expected a non-empty list of {pass_name: {arguments}}")
     as_configs(raw["passes"])  # validates every pass and argument
-    calib = _build(CalibConfig, raw.get("calib"), "calib")
-    calib.validate()
+    calib = CalibConfig.from_dict(raw.get("calib"))
     runner = _build(RunnerConfig, raw.get("runner"), "runner")
     _check_int(runner.batch_size, "runner.batch_size")
     _check_bool(runner.true_sequential, "runner.true_sequential")
@@ -165,8 +163,8 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
         raise CompressError(f"runner.device: expected cpu, cuda or cuda:N, got {runner.device!r}")
     ev = None if raw.get("eval") is None else _build(EvalConfig, raw["eval"], "eval")
     if ev is not None:
-        if ev.dataset not in ("wikitext2", "c4"):
-            raise CompressError(f"eval.dataset: expected wikitext2 or c4, got {ev.dataset!r}")
+        if ev.dataset not in ("wikitext2", "c4", "ptb"):
+            raise CompressError(f"eval.dataset: expected wikitext2, c4 or ptb, got {ev.dataset!r}")
         _check_int(ev.seqlen, "eval.seqlen", lo=2)
         _check_int(ev.max_windows, "eval.max_windows", optional=True)
         _check_int(ev.batch_size, "eval.batch_size")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from compress.errors import CompressError
 from compress.models import block_linears, find_blocks, get_weight, set_weight
-from compress.passes.base import PassConfig, pass_fn
+from compress.passes.base import Layer, PassConfig, pass_fn
 from compress.stats import InputStats
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,6 @@ def compress_linear(name: str, module: nn.Module, master: torch.Tensor, stats: O
     """Run every pass of the sweep that targets this layer on its fp32 master weight
     [out, in] (updated in place; the module gets a copy in its compute dtype for the
     forwards that follow). Returns the layer's report row."""
-    from compress.passes.base import Layer
-
     todo = [cfg for cfg in sweep if cfg.applies_to(name)]
     layer = Layer(name, master.clone(), master.clone(), stats)
     t0 = time.perf_counter()

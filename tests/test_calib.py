@@ -54,7 +54,7 @@ def test_unknown_source_lists_valid_ones():
 
 
 def test_from_dict_rejects_unknown_keys():
-    with pytest.raises(CompressError, match=r"^calib\.n_samples: unknown field"):
+    with pytest.raises(CompressError, match=r"^calib\.n_samples: unknown key; valid keys: source, nsamples"):
         CalibConfig.from_dict({"n_samples": 4})
     cfg = CalibConfig.from_dict({"source": "self", "nsamples": 4, "seqlen": 8})
     assert (cfg.nsamples, cfg.seqlen) == (4, 8)

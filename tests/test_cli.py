@@ -1,6 +1,5 @@
 """The command line: recipes end to end on a tiny model, and bad input."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +57,9 @@ def test_run_writes_loadable_checkpoint(tmp_path, tiny_dir, corpus, capsys):
     assert report["summary"]["sparsity"] == 0.5 and len(report["layers"]) == 14
     assert report["passes"] == [{"wanda": {"targets": [".*"], "ignore": [], "sparsity": None,
                                            "pattern": "2:4", "scope": "row"}}]
-    assert yaml.safe_load((out / "recipe.yaml").read_text())["passes"][0]["wanda"]["pattern"] == "2:4"
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert resolved["passes"][0]["wanda"]["pattern"] == "2:4"  # the --set override, as run
+    assert resolved["calib"]["seed"] == 0 and resolved["runner"]["batch_size"] == 8  # defaults filled in
     assert list(out.glob("*.safetensors")) and (out / "tokenizer_config.json").exists()
     from transformers import AutoModelForCausalLM
     plain = AutoModelForCausalLM.from_pretrained(out)
@@ -152,3 +153,26 @@ def test_entry_point_exit_code(tmp_path):
     res = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "run", str(p)],
                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "model:" in res.stderr
+
+
+def test_eval_command_against_itself(tiny_dir, data_dir, capsys):
+    assert run_cli("eval", tiny_dir, "--reference", tiny_dir, "--seqlen", 32, "--max-windows", 2,
+                   "--data-dir", data_dir) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["model"]["windows"] == 2 and res["model"]["ppl"] == pytest.approx(res["reference"]["ppl"])
+    assert res["model"]["kl"] == pytest.approx(0, abs=1e-4) and res["model"]["top1"] == 1.0
+
+
+def test_eval_command_bad_split(tiny_dir, data_dir, capsys):
+    assert run_cli("eval", tiny_dir, "--split", "train", "--data-dir", data_dir) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("compress: error: eval.split: wikitext2 'train' is not in the data folder")
+
+
+def test_unquoted_nm_pattern_is_a_pattern(tmp_path):
+    """YAML 1.1 would read `2:4` as the base-60 integer 124."""
+    from compress.recipe import load_recipe
+    p = tmp_path / "r.yaml"
+    p.write_text("model: m\npasses:\n  - wanda: {pattern: 2:4}\n  - sparsegpt: {percdamp: 1e-2, sparsity: .5}\n")
+    r = load_recipe(str(p), ["passes.0.wanda.pattern=4:8"])
+    assert r.passes == [{"wanda": {"pattern": "4:8"}}, {"sparsegpt": {"percdamp": 0.01, "sparsity": 0.5}}]
