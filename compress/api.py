@@ -58,6 +58,9 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         raise CompressError("passes: expected at least one pass")
     if not isinstance(calib, torch.Tensor):
         from calib import load_calibration
+
+        if tokenizer is None:
+            raise CompressError("calib: a CalibConfig needs tokenizer=...; or pass token ids [nsamples, seqlen]")
         calib = load_calibration(calib, tokenizer, model)
     if calib.dim() != 2:
         raise CompressError(f"calib: expected token ids of shape [nsamples, seqlen], got {tuple(calib.shape)}")

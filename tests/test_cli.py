@@ -45,7 +45,7 @@ def test_passes_lists_each_pass_with_defaults(capsys):
         assert name in out
 
 
-def test_run_writes_loadable_checkpoint(tmp_path, tiny_dir, corpus, capsys):
+def test_run_writes_loadable_checkpoint(tmp_path, tiny_dir, corpus, tiny_tokenizer, capsys):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, model=str(tiny_dir),
                           calib={"source": "text", "path": str(corpus), "nsamples": 8, "seqlen": 32},
@@ -66,7 +66,7 @@ def test_run_writes_loadable_checkpoint(tmp_path, tiny_dir, corpus, capsys):
     assert is_nm(plain.model.layers[1].mlp.down_proj.weight, 2, 4)
     model, tok = compress.load(out)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, plain.model.layers[0].self_attn.q_proj.weight)
-    assert tok is not None
+    assert tok("pruned weights").input_ids == tiny_tokenizer("pruned weights").input_ids
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 

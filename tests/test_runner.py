@@ -154,3 +154,13 @@ def test_targets_and_ignore(tiny_llama):
                              calib=calib_ids(300))
     assert sorted({r["layer"].split(".")[-1] for r in report["layers"]}) == ["gate_proj", "up_proj"]
     assert (tiny_llama.model.layers[0].self_attn.q_proj.weight != 0).all()
+
+
+def test_python_api_with_calib_config(tiny_llama, tiny_tokenizer):
+    from calib import CalibConfig
+    cfg = CalibConfig(source="self", nsamples=4, seqlen=16, seed=0)
+    with pytest.raises(CompressError, match="calib: a CalibConfig needs tokenizer"):
+        compress.run(tiny_llama, [compress.Wanda(sparsity=0.5, pattern="2:4")], calib=cfg)
+    _, report = compress.run(tiny_llama, [compress.Wanda(sparsity=0.5, pattern="2:4")], calib=cfg,
+                             tokenizer=tiny_tokenizer)
+    assert report["calibration"] == {"nsamples": 4, "seqlen": 16} and report["summary"]["sparsity"] == 0.5
