@@ -47,6 +47,8 @@ def resolve_model(spec: str) -> tuple[str, Optional[str]]:
             raise CompressError(f"model: GGUF file {spec!r} does not exist")
         return str(p.parent), p.name
     p = Path(spec).expanduser()
+    if not p.exists() and spec.startswith(("/", "./", "../", "~")):
+        raise CompressError(f"model: folder {spec!r} does not exist")
     if p.exists() and not (p / "config.json").is_file():
         raise CompressError(f"model: folder {spec!r} has no config.json (expected a Hugging Face model folder)")
     return spec, None

@@ -170,6 +170,8 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
         _check_int(ev.batch_size, "eval.batch_size")
         _check_bool(ev.compare, "eval.compare")
     out = raw.get("output")
+    if out is not None and not isinstance(out, (str, dict)):
+        raise CompressError(f"output: expected a folder path or {{dir: ..., dtype: ...}}, got {out!r}")
     output = _build(OutputConfig, {"dir": out} if isinstance(out, str) else out, "output")
     if output.dtype is not None and output.dtype not in DTYPES:
         raise CompressError(f"output.dtype: expected one of {', '.join(DTYPES)}, got {output.dtype!r}")
