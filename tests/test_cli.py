@@ -90,7 +90,6 @@ BAD = [
     ({"passes": [{"wanda": {"bogus": 1}}]}, "wanda: unknown argument 'bogus'"),
     ({"modle": "x"}, "recipe: unknown key 'modle'"),
     ({"model": "/no/such/model"}, "model: folder '/no/such/model' does not exist"),
-    ({"model": "no-such-org/no-such-model"}, "model: cannot load 'no-such-org/no-such-model'"),
     ({"output": 123}, "output: expected a folder path or {dir: ..., dtype: ...}, got 123"),
     ({"calib": {"source": "web"}}, "calib.source: expected one of"),
     ({"calib": {"nsamples": 0}}, "calib.nsamples: expected a positive integer"),
@@ -100,8 +99,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("change,message", BAD)
-def test_bad_recipe_is_one_line_exit_2(tmp_path, tiny_dir, corpus, capsys, monkeypatch, change, message):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub id case must fail fast, not wait on the network
+def test_bad_recipe_is_one_line_exit_2(tmp_path, tiny_dir, corpus, capsys, change, message):
     raw = {"model": str(tiny_dir), "calib": {"source": "text", "path": str(corpus), "nsamples": 2, "seqlen": 16},
            "passes": [{"wanda": {}}], "output": str(tmp_path / "out")}
     raw.update(change)
