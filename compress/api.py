@@ -11,7 +11,7 @@ import torch
 
 from compress.errors import CompressError
 from compress.passes.base import PassConfig, make_config
-from compress.runner import fast_dtype, run_sweep
+from compress.runner import resolve, run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
     if calib.dim() != 2:
         raise CompressError(f"calib: expected token ids of shape [nsamples, seqlen], got {tuple(calib.shape)}")
     t0 = time.perf_counter()
-    dtype = getattr(torch, compute_dtype) if compute_dtype else None
+    device, dtype = resolve(device, getattr(torch, compute_dtype) if compute_dtype else None, model)
     layers = run_sweep(model, configs, calib, device=device, batch_size=batch_size,
                        true_sequential=true_sequential, compute_dtype=dtype)
     seconds = time.perf_counter() - t0
@@ -75,8 +75,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         "passes": [{c.name: c.to_dict()} for c in configs],
         "calibration": {"nsamples": calib.shape[0], "seqlen": calib.shape[1]},
         "true_sequential": true_sequential,
-        "compute_dtype": str(dtype or fast_dtype(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
-                                                 next(model.parameters()).dtype)).replace("torch.", ""),
+        "compute_dtype": str(dtype).replace("torch.", ""),
         "summary": {"layers": len(layers), "sparsity": zeros / max(numel, 1),
                     "seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib(), 1)},
         "layers": layers,

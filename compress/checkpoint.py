@@ -26,13 +26,19 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def check_output_dir(out_dir: str) -> Path:
+    """The resolved output path; an existing non-folder there is a CompressError."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise CompressError(f"output.dir: {out_dir!r} exists and is not a folder")
+    return out
+
+
 def save(out_dir: str, model, tokenizer=None, recipe: Optional[dict] = None, report: Optional[dict] = None,
          dtype: Optional[str] = None) -> Path:
     """Save atomically to `out_dir` (replacing an existing folder only once the new one
     is complete)."""
-    out = Path(out_dir).resolve()
-    if out.exists() and not out.is_dir():
-        raise CompressError(f"output: {out_dir!r} exists and is not a folder")
+    out = check_output_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from compress.api import as_configs, peak_rss_mib, run, versions
-from compress.errors import CompressError
 from compress.models import load_model
 from compress.recipe import EvalConfig, Recipe
 from compress.runner import preflight
@@ -35,12 +33,12 @@ def evaluate_model(model, windows, cfg: EvalConfig, device=None, record=None, re
 def run_recipe(recipe: Recipe, output: Optional[str] = None) -> dict:
     """Run a validated recipe; return its report (also written beside the output)."""
     from calib import load_calibration
-    from compress.checkpoint import save
+    from compress.checkpoint import check_output_dir, save
     from compress.eval import ReferenceLogProbs
 
     out_dir = output or recipe.output.dir
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise CompressError(f"output.dir: {out_dir!r} exists and is not a folder")  # before the long run
+    if out_dir is not None:
+        check_output_dir(out_dir)  # before the long run, not after it
     t_start = time.perf_counter()
     model, tokenizer = load_model(recipe.model, getattr(torch, recipe.dtype))
     configs = as_configs(recipe.passes)

@@ -94,7 +94,7 @@ class Recipe:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     eval: Optional[EvalConfig] = None
     output: OutputConfig = field(default_factory=OutputConfig)
-    raw: dict = field(default_factory=dict)  # the resolved YAML mapping
+    raw: dict = field(default_factory=dict)  # the YAML mapping after --set overrides
 
     def resolved(self) -> dict:
         """The recipe as it ran: every section with its defaults filled in."""

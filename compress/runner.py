@@ -227,6 +227,12 @@ def fast_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
     return model_dtype
 
 
+def resolve(device, compute_dtype, model) -> tuple[torch.device, torch.dtype]:
+    """The device (default: cuda if present) and calibration-forward dtype of a run."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, compute_dtype or fast_dtype(device, next(model.parameters()).dtype)
+
+
 def targeted_linears(block, prefix: str, sweep: list[PassConfig]) -> dict:
     linears = {f"{prefix}.{n}": m for n, m in block_linears(block).items()}
     return {n: m for n, m in linears.items() if any(c.applies_to(n) for c in sweep)}
@@ -239,11 +245,10 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
 
     ids [nsamples, seqlen] calibration token ids; compute_dtype: dtype of the
     calibration forwards (None: `fast_dtype`). Returns per-layer report rows."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, dtype = resolve(device, compute_dtype, model)
     act_device = torch.device(act_device or device)
     prefix, blocks = find_blocks(model)
     home = next(model.parameters()).device
-    dtype = compute_dtype or fast_dtype(device, next(model.parameters()).dtype)
     _move_all_but(model, blocks, device)
     rows: list[dict] = []
     inputs = capture_inputs(model, blocks, ids, batch_size, device, act_device, dtype) \

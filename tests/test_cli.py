@@ -177,3 +177,12 @@ def test_unquoted_nm_pattern_is_a_pattern(tmp_path):
     p.write_text("model: m\npasses:\n  - wanda: {pattern: 2:4}\n  - sparsegpt: {percdamp: 1e-2, sparsity: .5}\n")
     r = load_recipe(str(p), ["passes.0.wanda.pattern=4:8"])
     assert r.passes == [{"wanda": {"pattern": "4:8"}}, {"sparsegpt": {"percdamp": 0.01, "sparsity": 0.5}}]
+
+
+def test_output_path_that_is_a_file_is_refused_before_work(tmp_path, tiny_dir, corpus, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    recipe = write_recipe(tmp_path, model=str(tiny_dir), passes=[{"wanda": {}}],
+                          calib={"source": "text", "path": str(corpus)}, output=str(target))
+    assert run_cli("run", recipe) == 2
+    assert "output.dir: " in capsys.readouterr().err and target.read_text() == "not a folder"
