@@ -2,6 +2,9 @@
 
 An output folder is what plain transformers loads (`AutoModelForCausalLM.from_pretrained`,
 safetensors, zeros in place), plus the tokenizer, the resolved recipe and report.json.
+A model with runtime modules (QuantLinear, ...) is saved in our native format: their
+packed buffers go into the same safetensors files and config.json gains a `compress`
+entry naming each module's class and shape, which `load` uses to rebuild them.
 It is written into a temporary sibling folder and renamed into place, so a failure never
 leaves a half-written output.
 """
@@ -43,7 +46,8 @@ def save(out_dir: str, model, tokenizer=None, recipe: Optional[dict] = None, rep
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if dtype is not None:
-            model = model.to(getattr(torch, dtype))
+            model = model.to(getattr(torch, dtype))  # packed codes and scales keep their dtype
+        record_runtime_modules(model)
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -65,13 +69,71 @@ def save(out_dir: str, model, tokenizer=None, recipe: Optional[dict] = None, rep
     return out
 
 
+def record_runtime_modules(model) -> None:
+    """Describe the model's runtime modules in `config.compress` (or drop the entry)."""
+    from compress.nn.base import PackedLinear
+
+    modules = {n: m.meta() for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    if modules:
+        model.config.compress = {"format": "compress-native", "version": 1, "modules": modules}
+    elif hasattr(model.config, "compress"):
+        del model.config.compress
+
+
+def _read_tensors(folder: Path, names: set) -> dict:
+    """The named tensors from the folder's safetensors file(s) (sharded or not)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    out = {}
+    for f in files:
+        with safe_open(str(folder / f), framework="pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys() if k in names})
+    return out
+
+
+def _restore_runtime_modules(model, folder: Path, modules: dict) -> None:
+    from compress.nn import RUNTIME
+
+    wanted = {}
+    for name, meta in modules.items():
+        if meta.get("type") not in RUNTIME:
+            raise CompressError(f"load: {name} has unknown module type {meta.get('type')!r}")
+        m = RUNTIME[meta["type"]].empty(meta)
+        wanted[name] = m
+    keys = {f"{n}.{k}" for n, m in wanted.items() for k in m.state_dict()}
+    tensors = _read_tensors(folder, keys)
+    for name, m in wanted.items():
+        state = {k: tensors[f"{name}.{k}"] for k in m.state_dict() if f"{name}.{k}" in tensors}
+        missing = sorted(set(m.state_dict()) - set(state))
+        if missing:
+            raise CompressError(f"load: {folder} lacks {name}.{missing[0]}")
+        m.load_state_dict(state)
+        old = model.get_submodule(name)
+        model.set_submodule(name, m.to(next(old.parameters()).device))
+
+
 def load(path: str, dtype: Optional[torch.dtype] = None):
-    """(model, tokenizer) from an output folder written by `save`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) from an output folder written by `save`; runtime modules
+    (QuantLinear, ...) are rebuilt packed, as they were saved."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise CompressError(f"load: {path!r} is not a compress output folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(p, **({"dtype": dtype} if dtype else {}))
+    modules = (getattr(AutoConfig.from_pretrained(p), "compress", None) or {}).get("modules", {})
+    # With runtime modules, transformers finds no `weight` for those layers (and does not
+    # know their packed buffers): silence its report, then swap the modules in.
+    verbosity = hf_logging.get_verbosity()
+    if modules:
+        hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, **({"dtype": dtype} if dtype else {}))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _restore_runtime_modules(model, p, modules)
     tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from compress.errors import CompressError
 from compress.models import block_linears, find_blocks, get_weight, set_weight
-from compress.passes.base import Layer, PassConfig, pass_fn
+from compress.passes.base import BLOCK_FNS, BlockContext, Layer, PassConfig, pass_fn
 from compress.stats import InputStats
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,14 @@ def forward_block(block, inp: BlockInput, device) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_stats(block, linears: dict, inputs: list[BlockInput], want_xtx: bool, device,
-                  max_batches: Optional[int] = None) -> dict[str, InputStats]:
+                  max_batches: Optional[int] = None, outputs: Optional[list] = None,
+                  act_device=None) -> dict[str, InputStats]:
     """One forward over the calibration batches with hooks on `linears`.
 
     Layers that read the very same tensor (q/k/v, gate/up) share one InputStats, so
     their X^T X is accumulated once. Returns {layer name: stats}; iteration order is
-    the order in which the distinct inputs were first seen (execution order)."""
+    the order in which the distinct inputs were first seen (execution order). With
+    `outputs` (a list), the block's outputs are appended to it (on `act_device`)."""
     stats: dict[str, InputStats] = {}
     owner: dict[str, str] = {}
     seen: list[tuple[torch.Tensor, str]] = []  # first batch only: (input tensor, its owner)
@@ -151,7 +153,9 @@ def collect_stats(block, linears: dict, inputs: list[BlockInput], want_xtx: bool
     handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
     try:
         for k, inp in enumerate(inputs[:max_batches]):
-            forward_block(block, inp, device)
+            out = forward_block(block, inp, device)
+            if outputs is not None:
+                outputs.append(out.to(act_device or out.device))
             seen.clear()  # drop references to the first batch's activations
     finally:
         for h in handles:
@@ -169,24 +173,30 @@ def input_groups(stats: dict[str, InputStats]) -> list[list[str]]:
 
 @torch.no_grad()
 def compress_linear(name: str, module: nn.Module, master: torch.Tensor, stats: Optional[InputStats],
-                    sweep: list[PassConfig]) -> dict:
-    """Run every pass of the sweep that targets this layer on its fp32 master weight
-    [out, in] (updated in place; the module gets a copy in its compute dtype for the
-    forwards that follow). Returns the layer's report row."""
-    todo = [cfg for cfg in sweep if cfg.applies_to(name)]
+                    sweep: list[PassConfig]) -> Layer:
+    """Run every layer pass of the sweep that targets this layer on a copy of its fp32
+    master weight [out, in]; the module gets the result (in its compute dtype) at once,
+    for the statistics and forwards that follow."""
     layer = Layer(name, master.clone(), master.clone(), stats)
     t0 = time.perf_counter()
-    for cfg in todo:
-        pass_fn(cfg)(layer, cfg)
-        if not torch.isfinite(layer.W).all():
-            raise FloatingPointError(f"{name}: non-finite weights after pass {cfg.name}")
-    seconds = time.perf_counter() - t0
+    for cfg in sweep:
+        if cfg.applies_to(name):
+            pass_fn(cfg)(layer, cfg)
+            if not torch.isfinite(layer.W).all():
+                raise FloatingPointError(f"{name}: non-finite weights after pass {cfg.name}")
+    layer.info["seconds"] = round(time.perf_counter() - t0, 4)
+    set_weight(module, layer.W)
+    return layer
+
+
+def finish_linear(layer: Layer, module: nn.Module, master: torch.Tensor, sweep: list[PassConfig]) -> dict:
+    """Write the layer's final weight to its master and module; return its report row."""
     master.copy_(layer.W)
     set_weight(module, layer.W)
-    rel = stats.relative_error(layer.W_dense, layer.W) if stats is not None else None
-    return {"layer": name, "passes": [c.name for c in todo], "shape": list(master.shape),
-            "sparsity": float((layer.W == 0).float().mean()), "rel_error": rel,
-            "seconds": round(seconds, 4), **layer.info}
+    rel = layer.stats.relative_error(layer.W_dense, layer.W) if layer.stats is not None else None
+    return {"layer": layer.name, "passes": [c.name for c in sweep if c.applies_to(layer.name)],
+            "shape": list(master.shape), "sparsity": float((layer.W == 0).float().mean()), "rel_error": rel,
+            **layer.info}
 
 
 def _check_finite(hidden: torch.Tensor, where: str) -> None:
@@ -196,26 +206,36 @@ def _check_finite(hidden: torch.Tensor, where: str) -> None:
 
 @torch.no_grad()
 def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput], sweep: list[PassConfig],
-                   device, true_sequential: bool) -> list[dict]:
-    """Statistics, passes and report rows for one block (already on `device`).
-    linears {qualified name: module} are the targeted layers, masters their fp32
-    weights [out, in]."""
+                   device, true_sequential: bool, act_device=None, dtype=None) -> tuple[list[dict], dict]:
+    """Statistics, layer passes, block passes and report rows for one block (already on
+    `device`). linears {qualified name: module} are the targeted layers, masters their
+    fp32 weights [out, in]. Returns (report rows, {name: packed form} of packing passes)."""
     want_stats = any(c.needs_stats for c in sweep)
     want_xtx = any(c.needs_xtx for c in sweep)
+    block_cfgs = [c for c in sweep if c.name in BLOCK_FNS]
+    targets = [] if block_cfgs else None  # the dense block's outputs, for block passes
     if not want_stats:
-        return [compress_linear(n, m, masters[n], None, sweep) for n, m in linears.items()]
-    if not true_sequential:
-        stats = collect_stats(block, linears, inputs, want_xtx, device)
-        return [compress_linear(n, m, masters[n], stats[n], sweep) for n, m in linears.items()]
-    # true_sequential: re-collect statistics before each group of layers that share an
-    # input, so that o_proj calibrates on the output of the already-compressed q/k/v.
-    groups = input_groups(collect_stats(block, linears, inputs, False, device, max_batches=1))
-    rows = []
-    for group in groups:
-        sub = {n: linears[n] for n in group}
-        stats = collect_stats(block, sub, inputs, want_xtx, device)
-        rows += [compress_linear(n, m, masters[n], stats[n], sweep) for n, m in sub.items()]
-    return rows
+        layers = {n: compress_linear(n, m, masters[n], None, sweep) for n, m in linears.items()}
+    elif not true_sequential:
+        stats = collect_stats(block, linears, inputs, want_xtx, device, outputs=targets, act_device=act_device)
+        layers = {n: compress_linear(n, m, masters[n], stats[n], sweep) for n, m in linears.items()}
+    else:
+        # true_sequential: re-collect statistics before each group of layers that share
+        # an input, so that o_proj calibrates on the output of the compressed q/k/v.
+        if targets is not None:
+            targets += [forward_block(block, inp, device).to(act_device) for inp in inputs]
+        groups = input_groups(collect_stats(block, linears, inputs, False, device, max_batches=1))
+        layers = {}
+        for group in groups:
+            sub = {n: linears[n] for n in group}
+            stats = collect_stats(block, sub, inputs, want_xtx, device)
+            layers.update({n: compress_linear(n, m, masters[n], stats[n], sweep) for n, m in sub.items()})
+    for cfg in block_cfgs:
+        ctx = BlockContext(block, {n: layers[n] for n in linears if cfg.applies_to(n)},
+                           {n: linears[n] for n in linears if cfg.applies_to(n)}, inputs, targets, device, dtype)
+        BLOCK_FNS[cfg.name](ctx, cfg)
+    rows = [finish_linear(layers[n], m, masters[n], sweep) for n, m in linears.items()]
+    return rows, {n: L.packed for n, L in layers.items() if L.packed is not None}
 
 
 def fast_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
@@ -241,7 +261,8 @@ def targeted_linears(block, prefix: str, sweep: list[PassConfig]) -> dict:
 @torch.no_grad()
 def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=None, batch_size: int = 8,
               true_sequential: bool = False, act_device=None, compute_dtype=None) -> list[dict]:
-    """Apply one sweep of layer passes to every decoder block, in order.
+    """Apply one sweep of passes to every decoder block, in order: layer passes, then
+    block passes; layers a packing pass produced become runtime modules.
 
     ids [nsamples, seqlen] calibration token ids; compute_dtype: dtype of the
     calibration forwards (None: `fast_dtype`). Returns per-layer report rows."""
@@ -251,14 +272,16 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
     home = next(model.parameters()).device
     _move_all_but(model, blocks, device)
     rows: list[dict] = []
-    inputs = capture_inputs(model, blocks, ids, batch_size, device, act_device, dtype) \
-        if any(c.needs_stats for c in sweep) else []
+    need_inputs = any(c.needs_stats or c.name in BLOCK_FNS for c in sweep)
+    inputs = capture_inputs(model, blocks, ids, batch_size, device, act_device, dtype) if need_inputs else []
     for i in tqdm(range(len(blocks)), desc="blocks", unit="block"):
         block = blocks[i].to(device)
         linears = targeted_linears(block, f"{prefix}.{i}", sweep)
         masters = {n: get_weight(m).detach().float().clone() for n, m in linears.items()}  # [out, in]
         with run_in_dtype(block, dtype if inputs else next(block.parameters()).dtype):
-            rows += compress_block(block, linears, masters, inputs, sweep, device, true_sequential)
+            block_rows, packed = compress_block(block, linears, masters, inputs, sweep, device, true_sequential,
+                                                act_device, dtype)
+            rows += block_rows
             if inputs and i + 1 < len(blocks):
                 for inp in inputs:  # propagate through the compressed block
                     inp.hidden = forward_block(block, inp, device).to(act_device)
@@ -266,6 +289,8 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
         for n, m in linears.items():
             set_weight(m, masters[n])
         blocks[i].to(home)
+        for n, p in packed.items():  # packing passes: swap in the runtime module (QuantLinear...)
+            model.set_submodule(n, p.to_module(getattr(linears[n], "bias", None)).to(home))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     _move_all_but(model, blocks, home)
@@ -274,12 +299,18 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
 
 def preflight(model, sweep: list[PassConfig]) -> None:
     """Catch configuration errors before any heavy work: every pass must target at
-    least one linear layer, and N:M patterns must divide each targeted layer's input."""
+    least one linear layer, N:M patterns must divide each targeted layer's input, and a
+    packing pass (quant, gqsa) must be the last layer pass on its layers."""
     from compress.passes.base import check_nm_fits
 
     prefix, blocks = find_blocks(model)
     names = {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
-    for cfg in sweep:
+    for k, cfg in enumerate(sweep):
+        if cfg.packs:
+            later = next(((c, n) for c in sweep[k + 1:] for n in names if c.applies_to(n) and cfg.applies_to(n)), None)
+            if later:
+                raise CompressError(f"passes: {later[0].name} runs after {cfg.name} on {later[1]}, but {cfg.name} "
+                                    f"packs the weights; put {cfg.name} last (restrict it with targets/ignore)")
         hits = [n for n in names if cfg.applies_to(n)]
         if not hits:
             raise CompressError(f"{cfg.name}.targets: no linear layer of the decoder blocks matches {cfg.targets}")

@@ -3,3 +3,4 @@ from compress.passes.base import REGISTRY, Layer, PassConfig, make_config  # noq
 from compress.passes.magnitude import Magnitude, MagnitudeConfig  # noqa: F401
 from compress.passes.wanda import Wanda, WandaConfig  # noqa: F401
 from compress.passes.sparsegpt import SparseGPT, SparseGPTConfig  # noqa: F401
+from compress.passes.quant import Quant, QuantConfig  # noqa: F401

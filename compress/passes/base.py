@@ -30,6 +30,7 @@ class PassConfig:
     # Which statistics the pass needs from the runner (class-level, not YAML fields).
     needs_stats = True  # per-input count / sum / sum of squares
     needs_xtx = False   # the full X^T X in fp32 (SparseGPT, GPTQ)
+    packs = False       # sets Layer.packed (a runtime module): must come last on its layers
 
     def validate(self) -> None:
         for key in ("targets", "ignore"):
@@ -69,6 +70,9 @@ class Layer:
     W_dense: torch.Tensor
     stats: Optional[InputStats]
     info: dict = field(default_factory=dict)  # per-layer notes a pass adds to report.json
+    # The runtime form a packing pass produced (e.g. a QuantResult): it has
+    # `dequantize()` (equal to W) and `to_module(bias)`; the runner swaps it in.
+    packed: Optional[object] = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -92,6 +96,48 @@ def register(name: str, config_cls: type):
         return fn
 
     return wrap
+
+
+# Block passes: a second function of a pass that runs once per decoder block, after
+# every layer pass of the sweep, e.g. GQSA's block-wise optimization (BQPO).
+BlockFn = Callable[["BlockContext", PassConfig], None]
+BLOCK_FNS: dict[str, BlockFn] = {}
+
+
+def register_block(name: str):
+    """Decorator: `@register_block("gqsa")` on the pass's block function."""
+
+    def wrap(fn: BlockFn) -> BlockFn:
+        BLOCK_FNS[name] = fn
+        return fn
+
+    return wrap
+
+
+@dataclass
+class BlockContext:
+    """What a block pass sees; the runner owns the loop, the data and the devices.
+
+    block    the decoder block, on `device`, parameters in the calibration dtype `dtype`
+    layers   {qualified name: Layer} of the layers the pass targets, after the layer passes
+    modules  {qualified name: the linear module in `block`} (same keys)
+    inputs   the calibration batches (runner.BlockInput: hidden [batch, seq, d] + args)
+    targets  the dense block's output for each batch [batch, seq, d]
+    """
+
+    block: "torch.nn.Module"
+    layers: dict
+    modules: dict
+    inputs: list
+    targets: list
+    device: torch.device
+    dtype: torch.dtype
+
+    def forward(self, k: int) -> torch.Tensor:
+        """The block's output on calibration batch k."""
+        inp = self.inputs[k]
+        out = self.block(inp.hidden.to(self.device), *inp.args, **inp.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def make_config(name: str, args: Optional[dict]) -> PassConfig:

@@ -1,0 +1,3 @@
+"""Runtime modules: what a compressed layer becomes in the saved and loaded model."""
+from compress.nn.base import RUNTIME, PackedLinear  # noqa: F401
+from compress.nn.quant_linear import QuantLinear  # noqa: F401

@@ -1,0 +1,68 @@
+"""What the runtime modules share: packed storage that casting never touches, the
+plain-torch forward, storage accounting, and the registry `compress.load` uses to
+rebuild them from config.json.
+
+A runtime module replaces an `nn.Linear` (or GPT-2's Conv1D) after a packing pass.
+Its state is integer codes and fp16 scales, so `model.to(torch.bfloat16)` must not
+re-round them: `_apply` moves those buffers between devices but keeps their dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RUNTIME: dict[str, type] = {}  # class name -> class, for compress.load
+
+
+def runtime(cls):
+    """Class decorator: make a runtime module loadable by name."""
+    RUNTIME[cls.__name__] = cls
+    return cls
+
+
+class PackedLinear(nn.Module):
+    """Base: y = x W_hat^T + b with W_hat [out, in] rebuilt from packed storage.
+
+    Subclasses define `effective_weight()` (fp32 [out, in]), `meta()` (the JSON that
+    rebuilds an empty module: `cls.empty(meta)`), and the buffers listed in `PACKED`."""
+
+    PACKED: tuple = ()
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def set_bias(self, bias) -> None:
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        kept = {k: self._buffers[k] for k in self.PACKED if self._buffers.get(k) is not None}
+        super()._apply(fn, recurse)
+        for k, old in kept.items():  # follow the device, keep the dtype (and the values)
+            self._buffers[k] = old.to(self._buffers[k].device)
+        return self
+
+    def effective_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Reference path: dequantize, then a dense matmul (compress/kernels has fast ones).
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.effective_weight().to(x.dtype), bias)
+
+    def storage_bits(self) -> int:
+        """Bits of the packed weight state (codes, scales, zero points, indices), bias excluded."""
+        return sum(self._buffers[k].numel() * self._buffers[k].element_size() * 8
+                   for k in self.PACKED if self._buffers.get(k) is not None)
+
+    def bits_per_weight(self) -> float:
+        return self.storage_bits() / (self.in_features * self.out_features)
+
+    def meta(self) -> dict:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.meta().items() if k != "type")

@@ -1,0 +1,157 @@
+"""Weight quantization to b-bit groups: round-to-nearest, or GPTQ (Frantar et al., 2022,
+"GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers").
+
+GPTQ quantizes the columns of W [out, in] one at a time and spreads each column's
+rounding error over the columns not yet quantized, the optimal-brain-quantizer update
+(Eq. 2 of the paper, in the Cholesky form of Sec. 4, step 3):
+
+    err   = (w_j - q_j) / [U]_jj
+    W_:,k -= err * U_jk          for k > j,   U = upper Cholesky factor of H^-1
+
+with H = (2/n) X X^T from the runner's shared X^T X, damped by lambda = percdamp *
+mean(diag H) (retried tenfold on failure). Updates are lazy in blocks of `blocksize`
+columns (step 2). With `act_order` columns are processed by decreasing H_jj (the
+"act-order" heuristic). Group parameters are fitted when the loop reaches a group's
+first column, on the weights as updated so far; under act_order that numbers the
+groups in processing order, so a per-column group index (g_idx) is stored. With
+`static_groups` all group parameters are fitted up front on the original weights
+(contiguous groups, no g_idx, also under act_order).
+
+Sparsity-aware: a weight that is already zero (an earlier pass pruned it) is stored
+as the code of 0 and its error is compensated like any other (SparseGPT, Sec. 3.5),
+so an N:M pattern survives exactly. Scales and zero points are fitted on kept weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from compress.errors import CompressError
+from compress.linalg import handle_dead_inputs, inverse_cholesky
+from compress.passes.base import Layer, PassConfig, register
+from compress.quantize import QuantResult, QuantSpec, column_groups, dequantize, fit, grouped, quantize, rtn
+
+
+@dataclass
+class QuantConfig(PassConfig):
+    """bits        2..8
+    group_size  inputs per group (32, 64, 128, ...; a shorter last group is allowed),
+                or 'channel' for one group per output row
+    symmetric   zero point fixed at 2^(bits-1) (no stored zero points)
+    method      'rtn' or 'gptq'
+    act_order   GPTQ: process columns by decreasing H_jj
+    static_groups  GPTQ: fit all group parameters before the loop (no g_idx)
+    clip_search MSE search over shrunken ranges (GPTQ's reference quantizer)
+    blocksize, percdamp  GPTQ's lazy-update block and damping fraction"""
+
+    bits: int = 4
+    group_size: Union[int, str] = 128
+    symmetric: bool = False
+    method: str = "gptq"
+    act_order: bool = False
+    static_groups: bool = False
+    clip_search: bool = False
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    packs = True  # produces a runtime module: must be the last layer pass on its layers
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.method == "gptq"
+
+    @property
+    def needs_xtx(self) -> bool:
+        return self.method == "gptq"
+
+    def validate(self) -> None:
+        super().validate()
+        n = self.name
+
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not integer(self.bits) or not 2 <= self.bits <= 8:
+            raise CompressError(f"{n}.bits: expected an integer from 2 to 8, got {self.bits!r}")
+        if self.group_size != "channel" and not (integer(self.group_size) and self.group_size >= 1):
+            raise CompressError(f"{n}.group_size: expected a positive integer or 'channel', got {self.group_size!r}")
+        if self.method not in ("rtn", "gptq"):
+            raise CompressError(f"{n}.method: expected 'rtn' or 'gptq', got {self.method!r}")
+        for key in ("symmetric", "act_order", "static_groups", "clip_search"):
+            if not isinstance(getattr(self, key), bool):
+                raise CompressError(f"{n}.{key}: expected true or false, got {getattr(self, key)!r}")
+        if not integer(self.blocksize) or self.blocksize < 1:
+            raise CompressError(f"{n}.blocksize: expected a positive integer, got {self.blocksize!r}")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0 < self.percdamp < 1:
+            raise CompressError(f"{n}.percdamp: expected a number in (0, 1), got {self.percdamp!r}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, None if self.group_size == "channel" else self.group_size,
+                         self.symmetric, self.clip_search)
+
+
+Quant = QuantConfig
+
+
+@torch.no_grad()
+def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, *, blocksize: int = 128,
+         percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+         name: str = "", info: Optional[dict] = None) -> QuantResult:
+    """GPTQ of W [out, in] fp32 with Hessian H [in, in] (edited in place); weights
+    with keep False are stored as zero. Returns the codes in the original column order."""
+    info = {} if info is None else info
+    W = W.clone()
+    out, d_in = W.shape
+    g = spec.group(d_in)
+    static = static_groups or spec.group_size is None          # per-channel: one group, fitted up front
+    info["dead_inputs"] = handle_dead_inputs(H, W)
+    if static:
+        scale, zero = fit(grouped(W, spec), grouped(keep, spec, fill=False), spec)   # [out, G]
+    else:
+        scale = W.new_zeros(out, spec.n_groups(d_in))
+        zero = torch.zeros_like(scale)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(d_in, device=W.device)
+    W, keep, H = W[:, perm], keep[:, perm], H[perm][:, perm]
+    gid = column_groups(d_in, spec, W.device)                  # group of each processed column
+    if static:
+        gid = gid[perm]                                        # groups stay contiguous in original order
+    U = inverse_cholesky(H, percdamp, name, info)             # [in, in] upper
+    del H
+    # Dynamic groups are fitted from the block's current weights: blocks hold whole groups.
+    B = blocksize if static else max(g, blocksize // g * g)
+    codes = torch.empty(out, d_in, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, d_in, B):
+        i2 = min(i1 + B, d_in)
+        W1, K1 = W[:, i1:i2].clone(), keep[:, i1:i2]           # [out, b]
+        U1 = U[i1:i2, i1:i2]                                   # [b, b]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not static and j % g == 0:
+                scale[:, j // g], zero[:, j // g] = fit(W1[:, i:i + g], K1[:, i:i + g], spec)
+            s, z = scale[:, gid[j]], zero[:, gid[j]]           # [out]
+            u = torch.where(K1[:, i], quantize(W1[:, i], s, z, spec.qmax), z)
+            err = (W1[:, i] - dequantize(u, s, z)) / U1[i, i]  # [out]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+            codes[:, j] = u.to(torch.uint8)
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    g_idx = None if static or not act_order else gid[inv].to(torch.int32)
+    return QuantResult(spec, codes[:, inv], scale, zero, g_idx)
+
+
+@register("quant", QuantConfig)
+def quant(layer: Layer, cfg: QuantConfig) -> None:
+    keep = layer.W != 0                                        # an earlier pass's zeros stay zero
+    if cfg.method == "rtn":
+        res = rtn(layer.W, keep, cfg.spec)
+    else:
+        H = layer.stats.hessian().to(layer.W.device)
+        res = gptq(layer.W, H, keep, cfg.spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                   act_order=cfg.act_order, static_groups=cfg.static_groups, name=layer.name, info=layer.info)
+    layer.W.copy_(res.dequantize())
+    layer.packed = res

@@ -1,0 +1,167 @@
+"""Uniform group quantization: the grid every quantizing pass and runtime module shares.
+
+A row of W [out, in] is cut into groups of `group_size` consecutive inputs (the last
+group may be shorter: 576 inputs in groups of 128 give 4 full groups and one of 64).
+Each group has a scale s and an integer zero point z; a weight is stored as the code
+
+    u = clamp(round(w / s) + z, 0, 2^b - 1)        and read back as   w_hat = (u - z) * s
+
+Symmetric grids fix z = 2^(b-1) (codes mean -2^(b-1) ... 2^(b-1) - 1) and take
+s = max|w| / (2^(b-1) - 1); asymmetric grids take s = (max - min) / (2^b - 1) over a
+range that always contains 0. Either way w = 0 is stored exactly (u = z), which is
+what keeps a pruned weight exactly zero after quantization. Ranges are fitted on the
+*kept* weights only (a pruned weight is not data, just a zero to be stored).
+
+Scales are stored in fp16 and used as the fp16 value everywhere, so the weight a pass
+computes and the weight a `QuantLinear` reconstructs from its packed codes are the
+same numbers, bit for bit.
+
+Optional MSE clipping (GPTQ's reference quantizer): shrink the range by p in
+1, 1 - 1/grid, ..., 1 - maxshrink and keep, per group, the p with the least
+sum |w - w_hat|^2.4 over the kept weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SCALE_DTYPE = torch.float16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """bits 2..8; group_size None = one group per output row (per channel)."""
+
+    bits: int = 4
+    group_size: Optional[int] = 128
+    symmetric: bool = False
+    clip_search: bool = False
+    clip_grid: int = 100
+    clip_maxshrink: float = 0.8
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    def group(self, d_in: int) -> int:
+        return d_in if self.group_size is None else self.group_size
+
+    def n_groups(self, d_in: int) -> int:
+        g = self.group(d_in)
+        return (d_in + g - 1) // g
+
+
+def round_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 value of the fp16 scale that is stored (clamped into fp16's range)."""
+    return scale.clamp(2.0 ** -24, 65504.0).to(SCALE_DTYPE).float()
+
+
+def fit_params(w: torch.Tensor, keep: Optional[torch.Tensor], spec: QuantSpec, shrink: float = 1.0):
+    """Scale and zero point of each group. w [..., k] holds one group per row of the
+    last dimension; keep [..., k] marks the weights that count (None: all).
+    Returns scale [...], zero [...] (fp32; zero integer-valued)."""
+    if keep is not None:
+        w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    if spec.symmetric:
+        half = 1 << (spec.bits - 1)
+        amax = w.abs().amax(-1) * shrink
+        scale = round_scale(torch.where(amax > 0, amax / (half - 1), torch.ones_like(amax)))
+        return scale, torch.full_like(scale, float(half))
+    lo = w.amin(-1).clamp(max=0) * shrink   # the range always holds 0 (so pruned weights stay 0)
+    hi = w.amax(-1).clamp(min=0) * shrink
+    span = hi - lo
+    scale = round_scale(torch.where(span > 0, span / spec.qmax, torch.ones_like(span)))
+    zero = torch.round(-lo / scale).clamp(0, spec.qmax)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Codes u = clamp(round(w / s) + z, 0, qmax); scale / zero broadcast against w."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, qmax)
+
+
+def dequantize(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """w_hat = (u - z) * s (fp32)."""
+    return (u.float() - zero) * scale
+
+
+def fit(w: torch.Tensor, keep: Optional[torch.Tensor], spec: QuantSpec):
+    """fit_params, with the MSE clipping search when spec.clip_search."""
+    scale, zero = fit_params(w, keep, spec)
+    if not spec.clip_search:
+        return scale, zero
+    weight = torch.ones_like(w) if keep is None else keep.to(w.dtype)
+
+    def err(s, z):
+        w_hat = dequantize(quantize(w, s[..., None], z[..., None], spec.qmax), s[..., None], z[..., None])
+        return ((w_hat - w).abs().pow(2.4) * weight).sum(-1)
+
+    best = err(scale, zero)
+    for i in range(1, int(spec.clip_maxshrink * spec.clip_grid) + 1):
+        s, z = fit_params(w, keep, spec, shrink=1 - i / spec.clip_grid)
+        e = err(s, z)
+        better = e < best
+        best = torch.where(better, e, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+# ----------------------------------------------------------------------------- whole matrices
+
+@dataclass
+class QuantResult:
+    """A quantized weight [out, in].
+
+    codes  [out, in] uint8 codes u
+    scale  [out, G] fp32 (fp16 values);  zero [out, G] fp32 integers (2^(b-1) if symmetric)
+    g_idx  [in] int32 group of each input column, or None for contiguous groups
+           (GPTQ with act_order and dynamic groups numbers groups in activation order)
+    """
+
+    spec: QuantSpec
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: Optional[torch.Tensor] = None
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_weight(self.codes, self.scale, self.zero, self.spec, self.g_idx)
+
+    def to_module(self, bias=None):
+        from compress.nn.quant_linear import QuantLinear
+
+        return QuantLinear.from_result(self, bias)
+
+
+def column_groups(d_in: int, spec: QuantSpec, device=None) -> torch.Tensor:
+    """[in] group index of each input column for contiguous groups."""
+    return torch.arange(d_in, device=device) // spec.group(d_in)
+
+
+def dequantize_weight(codes, scale, zero, spec: QuantSpec, g_idx=None) -> torch.Tensor:
+    """W_hat [out, in] fp32 from codes [out, in] and per-group scale / zero [out, G]."""
+    gid = column_groups(codes.shape[1], spec, codes.device) if g_idx is None else g_idx.long()
+    return dequantize(codes, scale[:, gid], zero[:, gid])
+
+
+def grouped(t: torch.Tensor, spec: QuantSpec, fill=0) -> torch.Tensor:
+    """[out, in] -> [out, G, g], the last group padded with `fill`."""
+    out, d_in = t.shape
+    g, G = spec.group(d_in), spec.n_groups(d_in)
+    pad = G * g - d_in
+    if pad:
+        t = torch.cat([t, t.new_full((out, pad), fill)], dim=1)
+    return t.reshape(out, G, g)
+
+
+def rtn(W: torch.Tensor, keep: Optional[torch.Tensor], spec: QuantSpec) -> QuantResult:
+    """Round-to-nearest of W [out, in] fp32; pruned weights (keep False) stay zero."""
+    keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep
+    Wg, Kg = grouped(W, spec), grouped(keep, spec, fill=False)       # [out, G, g]
+    scale, zero = fit(Wg, Kg, spec)                                  # [out, G]
+    codes = quantize(Wg, scale[..., None], zero[..., None], spec.qmax)
+    codes = torch.where(Kg, codes, zero[..., None])                  # pruned -> the code of 0
+    codes = codes.reshape(W.shape[0], -1)[:, :W.shape[1]].to(torch.uint8)
+    return QuantResult(spec, codes, scale, zero)
