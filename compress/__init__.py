@@ -6,7 +6,7 @@
 from compress.api import run  # noqa: F401
 from compress.checkpoint import load, save  # noqa: F401
 from compress.errors import CompressError  # noqa: F401
-from compress.passes import Magnitude, SparseGPT, Wanda  # noqa: F401
-from compress.passes import MagnitudeConfig, SparseGPTConfig, WandaConfig  # noqa: F401
+from compress.passes import GQSA, Magnitude, Quant, SparseGPT, Wanda  # noqa: F401
+from compress.passes import GQSAConfig, MagnitudeConfig, QuantConfig, SparseGPTConfig, WandaConfig  # noqa: F401
 
 __version__ = "0.1.0"

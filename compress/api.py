@@ -11,7 +11,7 @@ import torch
 
 from compress.errors import CompressError
 from compress.passes.base import PassConfig, make_config
-from compress.runner import resolve, run_sweep
+from compress.runner import preflight, resolve, run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
     configs = as_configs(passes)
     if not configs:
         raise CompressError("passes: expected at least one pass")
+    preflight(model, configs)
     if not isinstance(calib, torch.Tensor):
         from calib import load_calibration
 

@@ -231,9 +231,11 @@ def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput]
             stats = collect_stats(block, sub, inputs, want_xtx, device)
             layers.update({n: compress_linear(n, m, masters[n], stats[n], sweep) for n, m in sub.items()})
     for cfg in block_cfgs:
-        ctx = BlockContext(block, {n: layers[n] for n in linears if cfg.applies_to(n)},
-                           {n: linears[n] for n in linears if cfg.applies_to(n)}, inputs, targets, device, dtype)
-        BLOCK_FNS[cfg.name](ctx, cfg)
+        mine = [n for n in linears if cfg.applies_to(n)]
+        if mine:
+            ctx = BlockContext(block, {n: layers[n] for n in mine}, {n: linears[n] for n in mine},
+                               inputs, targets, device, dtype)
+            BLOCK_FNS[cfg.name](ctx, cfg)
     rows = [finish_linear(layers[n], m, masters[n], sweep) for n, m in linears.items()]
     return rows, {n: L.packed for n, L in layers.items() if L.packed is not None}
 

@@ -1,3 +1,4 @@
 """Runtime modules: what a compressed layer becomes in the saved and loaded model."""
 from compress.nn.base import RUNTIME, PackedLinear  # noqa: F401
 from compress.nn.quant_linear import QuantLinear  # noqa: F401
+from compress.nn.gqsa_linear import GQSALinear  # noqa: F401
