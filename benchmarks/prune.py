@@ -34,7 +34,6 @@ SETTINGS = {"50%": ("unstructured", 0.5), "4:8": ("4:8", 0.5), "2:4": ("2:4", 0.
 def worker_ours(args) -> None:
     """Subprocess: compress SmolLM2 with our pass; save weights and timings."""
     import torch
-    from safetensors.torch import save_file
 
     import compress
     from compress.models import load_model
@@ -47,14 +46,38 @@ def worker_ours(args) -> None:
     compress.run(model, [{args.method: cfg}], calib=ids, batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
     weights = {k: v.contiguous() for k, v in model.state_dict().items() if ".layers." in k and k.endswith("proj.weight")}
-    out = Path(args.out)
+    save_worker_output(Path(args.out), weights, {"seconds": seconds})
+
+
+def save_worker_output(out: Path, weights: dict, result: dict) -> None:
+    """Worker side: save the weights to out/weights.safetensors and `result` plus this
+    process's peak RSS to out/result.json."""
+    from safetensors.torch import save_file
+
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "weights.safetensors"))
     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child would
     # report the (model-holding) parent's peak.
     with open("/proc/self/status") as f:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    (out / "result.json").write_text(json.dumps({"seconds": seconds, "peak_rss_mib": rss}))
+    (out / "result.json").write_text(json.dumps({**result, "peak_rss_mib": rss}))
+
+
+class WorkerFailed(SystemExit):
+    """A worker exited with an error (uncaught, it ends the benchmark with the message)."""
+
+
+def run_worker(cmd: list, out: Path, label: str) -> dict:
+    """Run a worker subprocess offline; return its result.json plus "wall_process" and "weights"."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode:
+        raise WorkerFailed(f"{label} failed:\n{res.stderr[-3000:]}")
+    row = json.loads((out / "result.json").read_text())
+    row["wall_process"] = time.perf_counter() - t0
+    row["weights"] = str(out / "weights.safetensors")
+    return row
 
 
 def run_row(impl: str, method: str, setting: str, work: Path, a) -> dict:
@@ -66,15 +89,7 @@ def run_row(impl: str, method: str, setting: str, work: Path, a) -> dict:
         pattern, sparsity = SETTINGS[setting]
         cmd = [a.peer_python, str(HERE / "peer_llmcompressor.py"), "--method", method, "--sparsity", str(sparsity),
                "--pattern", pattern, "--calib", str(work / "calib.pt"), "--out", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"{impl} {method} {setting} failed:\n{res.stderr[-3000:]}")
-    row = json.loads((out / "result.json").read_text())
-    row["wall_process"] = time.perf_counter() - t0
-    row["weights"] = str(out / "weights.safetensors")
-    return row
+    return run_worker(cmd, out, f"{impl} {method} {setting}")
 
 
 def perplexity(model, dense_state, weights_file, windows) -> float:
@@ -102,6 +117,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def prepare(a, work: Path):
+    """The shared protocol: dense SmolLM2-135M, calibration ids (C4 train, seed 0) saved to
+    work/calib.pt, WikiText-2 test windows of 512. Returns (model, windows, dense state)."""
+    if not a.data_dir:
+        raise SystemExit("benchmark needs the C4 / WikiText-2 text: pass --data-dir or set COMPRESS_DATA_DIR")
+    os.environ["COMPRESS_DATA_DIR"] = a.data_dir
+    import torch
+
+    from calib import CalibConfig, load_calibration, load_text
+    from compress.eval import eval_windows
+    from compress.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    ids = load_calibration(CalibConfig(source="c4", nsamples=a.nsamples, seqlen=a.seqlen, seed=0), tok)
+    torch.save(ids, work / "calib.pt")
+    windows = eval_windows(tok, load_text("wikitext2", "test", None), 512, a.windows)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, windows, dense_state
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -120,25 +155,14 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker_ours(a)
-    if not a.data_dir:
-        raise SystemExit("benchmark needs the C4 / WikiText-2 text: pass --data-dir or set COMPRESS_DATA_DIR")
-    os.environ["COMPRESS_DATA_DIR"] = a.data_dir
     import torch
-
-    from calib import CalibConfig, load_calibration, load_text
-    from compress.eval import eval_windows
-    from compress.models import load_model
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    model, windows, dense_state = prepare(a, work)
     if not a.no_peer and not a.peer_python:
         setup = subprocess.run(["bash", str(HERE / "setup_peer.sh")], capture_output=True, text=True, check=True)
         a.peer_python = setup.stdout.strip().splitlines()[-1]
-    model, tok = load_model("smollm2-135m")
-    ids = load_calibration(CalibConfig(source="c4", nsamples=a.nsamples, seqlen=a.seqlen, seed=0), tok)
-    torch.save(ids, work / "calib.pt")
-    windows = eval_windows(tok, load_text("wikitext2", "test", None), 512, a.windows)
-    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     rows = [{"method": "dense", "setting": "—", "ours": {"ppl": perplexity(model, dense_state, None, windows)}}]
     print(f"dense ppl {rows[0]['ours']['ppl']:.2f}", flush=True)

@@ -94,14 +94,20 @@ def is_linear(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, Conv1D))
 
 
+def _is_packed(m: nn.Module) -> bool:
+    from compress.nn.base import PackedLinear
+
+    return isinstance(m, PackedLinear)
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(qualified name, ModuleList) of the decoder blocks: the longest ModuleList whose
-    children share one class and contain linear layers."""
+    children share one class and contain linear layers (plain or already packed)."""
     best = None
     for name, m in model.named_modules():
         if not isinstance(m, nn.ModuleList) or len(m) == 0:
             continue
-        if len({type(c) for c in m}) != 1 or not any(is_linear(x) for x in m[0].modules()):
+        if len({type(c) for c in m}) != 1 or not any(is_linear(x) or _is_packed(x) for x in m[0].modules()):
             continue
         if best is None or len(m) > len(best[1]):
             best = (name, m)
@@ -111,7 +117,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """Linear layers of one block by name relative to the block, in module order."""
+    """Linear layers of one block by name relative to the block, in module order (packed
+    runtime modules are not linear layers a pass can edit)."""
     return {n: m for n, m in block.named_modules() if n and is_linear(m)}
 
 

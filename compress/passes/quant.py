@@ -122,6 +122,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
     del H
     # Dynamic groups are fitted from the block's current weights: blocks hold whole groups.
     B = blocksize if static else max(g, blocksize // g * g)
+    col_group = gid.tolist()                                   # python ints: cheap indexing in the loop
     codes = torch.empty(out, d_in, dtype=torch.uint8, device=W.device)
     for i1 in range(0, d_in, B):
         i2 = min(i1 + B, d_in)
@@ -132,7 +133,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
             j = i1 + i
             if not static and j % g == 0:
                 scale[:, j // g], zero[:, j // g] = fit(W1[:, i:i + g], K1[:, i:i + g], spec)
-            s, z = scale[:, gid[j]], zero[:, gid[j]]           # [out]
+            s, z = scale[:, col_group[j]], zero[:, col_group[j]]  # [out]
             u = torch.where(K1[:, i], quantize(W1[:, i], s, z, spec.qmax), z)
             err = (W1[:, i] - dequantize(u, s, z)) / U1[i, i]  # [out]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
