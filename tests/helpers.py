@@ -40,3 +40,24 @@ def is_nm(W: torch.Tensor, n: int, m: int) -> bool:
 def output_error(W, W_hat, X) -> float:
     """||(W - W_hat) X^T||^2 / ||W X^T||^2 on inputs X [tokens, in]."""
     return float(((X @ (W - W_hat).T) ** 2).sum() / ((X @ W.T) ** 2).sum())
+
+
+def check_cast_keeps_packed_state(mods: torch.nn.ModuleList, d_in: int) -> None:
+    """Casting runtime modules (PackedLinear) moves only their bias to the new dtype:
+    packed codes, scales and indices keep dtype and values, so the effective weights
+    stay bit for bit; the bf16 forward is F.linear with the rounded effective weight."""
+    import torch.nn.functional as F
+
+    before = [m.effective_weight() for m in mods]
+    buffers = {k: v.clone() for k, v in mods.state_dict().items() if "bias" not in k}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        mods.to(dtype)
+        for k, v in mods.state_dict().items():
+            if "bias" in k:
+                assert v.dtype == dtype
+            else:
+                assert v.dtype == buffers[k].dtype and torch.equal(v, buffers[k]), k
+        assert all(torch.equal(m.effective_weight(), w) for m, w in zip(mods, before))
+    mods.to(torch.bfloat16)
+    x = torch.randn(2, d_in, dtype=torch.bfloat16)
+    assert torch.equal(mods[0](x), F.linear(x, before[0].to(torch.bfloat16), mods[0].bias))

@@ -18,7 +18,7 @@ from compress.passes.base import BLOCK_FNS, Layer, make_config, pass_fn
 from compress.passes.gqsa import FakeQuantGroups, group_saliency
 from compress.quantize import QuantSpec, grouped, rtn
 from compress.runner import preflight
-from helpers import correlated_inputs, is_nm, output_error, stats_of
+from helpers import check_cast_keeps_packed_state, correlated_inputs, is_nm, output_error, stats_of
 from test_quant import calib_ids, hessian_stats
 
 
@@ -277,20 +277,8 @@ def test_group_index_widens_past_int16():
 def test_cast_keeps_packed_state():
     mods = torch.nn.ModuleList([GQSALinear.from_result(_packed("asym"), torch.randn(8)),
                                 GQSALinear.from_result(_packed("sym"))])
-    before = [m.effective_weight() for m in mods]
-    buffers = {k: v.clone() for k, v in mods.state_dict().items() if "bias" not in k}
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        mods.to(dtype)
-        for k, v in mods.state_dict().items():
-            if "bias" in k:
-                assert v.dtype == dtype
-            else:
-                assert v.dtype == buffers[k].dtype and torch.equal(v, buffers[k]), k
-        assert mods[0].group_idx.dtype == torch.int16 and mods[0].scales.dtype == torch.float16
-        assert all(torch.equal(m.effective_weight(), w) for m, w in zip(mods, before))
-    mods.to(torch.bfloat16)
-    x = torch.randn(2, 64, dtype=torch.bfloat16)
-    assert torch.equal(mods[0](x), F.linear(x, before[0].to(torch.bfloat16), mods[0].bias))
+    check_cast_keeps_packed_state(mods, 64)
+    assert mods[0].group_idx.dtype == torch.int16 and mods[0].scales.dtype == torch.float16
 
 
 def test_fake_quant_starts_at_the_one_shot_result():
@@ -476,7 +464,7 @@ def test_save_load_round_trip(tiny_llama, tiny_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("args,field", [
     ({"group_size": "channel"}, "gqsa.group_size"), ({"group_size": 0}, "gqsa.group_size"),
-    ({"act_order": True}, "gqsa.act_order"),
+    ({"act_order": True, "static_groups": False}, "gqsa.act_order"),    # dynamic groups would need a g_idx
     ({"sparsity": 1.0}, "gqsa.sparsity"), ({"sparsity": -0.1}, "gqsa.sparsity"),
     ({"sparsity": "half"}, "gqsa.sparsity"), ({"sparsity": True}, "gqsa.sparsity"),
     ({"epochs": -1}, "gqsa.epochs"), ({"epochs": 1.5}, "gqsa.epochs"), ({"epochs": True}, "gqsa.epochs"),
@@ -494,6 +482,29 @@ def test_good_arguments_accepted():
     assert cfg.packs and cfg.needs_xtx
     make_config("gqsa", {"sparsity": 0, "epochs": 0, "group_size": 7, "bits": 8, "lr": 1, "method": "rtn"})
     assert make_config("gqsa", {"method": "rtn"}).needs_stats          # BQPO and saliency need statistics
+
+
+def test_quant_defaults_and_gqsa_overrides():
+    """quant defaults to act_order + static groups + MSE clipping; gqsa to none of them,
+    and takes act_order only with static (contiguous) groups."""
+    quant, gqsa = make_config("quant", {}), make_config("gqsa", {})
+    assert (quant.act_order, quant.static_groups, quant.clip_search) == (True, True, True)
+    assert (gqsa.act_order, gqsa.static_groups, gqsa.clip_search) == (False, False, False)
+    assert quant.spec.clip_search and not gqsa.spec.clip_search
+    cfg = make_config("gqsa", {"act_order": True, "static_groups": True})
+    assert cfg.act_order and cfg.static_groups
+    with pytest.raises(CompressError, match=r"gqsa\.act_order: needs static_groups: true"):
+        make_config("gqsa", {"act_order": True})
+    with pytest.raises(CompressError, match=r"gqsa\.act_order: needs static_groups: true"):
+        make_config("gqsa", {"act_order": True, "static_groups": False, "clip_search": True})
+    make_config("gqsa", {"static_groups": True})                          # static groups alone: fine
+    # And the accepted combination runs: row-balanced, contiguous groups, W is the packed result.
+    X = correlated_inputs(1024, 64, seed=4)
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    layer = gqsa_layer(W, stats_of(X), bits=4, group_size=16, sparsity=0.5, act_order=True, static_groups=True)
+    res = layer.packed
+    assert res.idx.shape == (16, 2) and torch.equal(layer.W, res.dequantize())
+    assert (grouped(layer.W, QuantSpec(4, 16))[~group_mask(res.idx, 4)] == 0).all()
 
 
 def test_bad_arguments_through_run(tiny_llama):

@@ -15,7 +15,7 @@ from compress.passes.base import Layer, make_config, pass_fn
 from compress.quantize import QuantSpec, dequantize, fit, fit_params, quantize, rtn
 from compress.runner import preflight
 from compress.stats import InputStats
-from helpers import apply, correlated_inputs, is_nm, stats_of
+from helpers import apply, check_cast_keeps_packed_state, correlated_inputs, is_nm, stats_of
 from test_cli import corpus, run_cli, tiny_dir, write_recipe  # noqa: F401  (fixtures and helpers of the CLI tests)
 
 
@@ -205,7 +205,8 @@ def test_pack_rejects_bad_input():
 # ----------------------------------------------------------------------------- GPTQ
 
 def test_gptq_obq_update_by_hand():
-    # Per channel, 2 bits: the range [0, 3] gives s = 1, z = 0 (fitted up front).
+    # Plain GPTQ (no act_order, no clipping), per channel, 2 bits: the range [0, 3]
+    # gives s = 1, z = 0 (fitted up front).
     # H = [[1, .5, 0], [.5, 1, 0], [0, 0, 1]]; U = chol(H^-1) upper has
     # U_00 = sqrt(4/3), U_01 = (-2/3) / U_00, U_02 = U_12 = 0.
     # Column 0: 0.5 -> round half to even -> 0, err = 0.5 / U_00, and
@@ -213,18 +214,22 @@ def test_gptq_obq_update_by_hand():
     # Column 1's error does not reach column 2 (U_12 = 0): 3 -> 3.
     H = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]])
     W = torch.tensor([[0.5, 1.3, 3.0]])
-    got = apply("quant", W, hessian_stats(H), bits=2, group_size="channel", percdamp=1e-7)
+    plain = dict(act_order=False, static_groups=False, clip_search=False)
+    got = apply("quant", W, hessian_stats(H), bits=2, group_size="channel", percdamp=1e-7, **plain)
     assert got.tolist() == [[0.0, 2.0, 3.0]]
-    assert apply("quant", W, None, bits=2, group_size="channel", method="rtn").tolist() == [[0.0, 1.0, 3.0]]
+    assert apply("quant", W, None, bits=2, group_size="channel", method="rtn",
+                 clip_search=False).tolist() == [[0.0, 1.0, 3.0]]
 
 
+@pytest.mark.parametrize("clip_search", [False, True])
 @pytest.mark.parametrize("static_groups", [False, True])
 @pytest.mark.parametrize("group_size", [16, "channel"])
-def test_gptq_with_identity_hessian_is_rtn(group_size, static_groups):
+def test_gptq_with_identity_hessian_is_rtn(group_size, static_groups, clip_search):
     """Uncorrelated inputs: U is diagonal, no error moves to other columns."""
     W = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
-    a = quant_layer(W, hessian_stats(torch.eye(64)), bits=3, group_size=group_size, static_groups=static_groups)
-    b = quant_layer(W, None, bits=3, group_size=group_size, method="rtn")
+    a = quant_layer(W, hessian_stats(torch.eye(64)), bits=3, group_size=group_size, act_order=False,
+                    static_groups=static_groups, clip_search=clip_search)
+    b = quant_layer(W, None, bits=3, group_size=group_size, method="rtn", clip_search=clip_search)
     assert torch.equal(a.packed.codes, b.packed.codes) and torch.equal(a.packed.scale, b.packed.scale)
     assert torch.equal(a.W, b.W)
 
@@ -259,7 +264,8 @@ def test_gptq_codes_match_their_grid():
     """Each code is what the stored grid gives the reconstructed weight back."""
     X = correlated_inputs(1024, 96, seed=2)
     W = torch.randn(16, 96, generator=torch.Generator().manual_seed(2))
-    res = quant_layer(W, stats_of(X), bits=3, group_size=32, act_order=True, blocksize=32).packed
+    res = quant_layer(W, stats_of(X), bits=3, group_size=32, act_order=True, static_groups=False,
+                      blocksize=32).packed
     gid = res.g_idx.long()
     s, z = res.scale[:, gid], res.zero[:, gid]
     assert torch.equal(quantize(res.dequantize(), s, z, 7).to(torch.uint8), res.codes)
@@ -269,8 +275,10 @@ def test_gptq_codes_match_their_grid():
 def test_gptq_partial_last_group_and_small_blocks():
     X = correlated_inputs(512, 10, seed=3)
     W = torch.randn(4, 10, generator=torch.Generator().manual_seed(3))
-    for args in ({}, {"act_order": True}, {"static_groups": True}, {"blocksize": 3}):
-        res = quant_layer(W, stats_of(X), bits=3, group_size=4, **args).packed
+    plain = dict(act_order=False, static_groups=False, clip_search=False)
+    for args in ({}, {"act_order": True}, {"static_groups": True}, {"blocksize": 3},
+                 {"act_order": True, "static_groups": True, "clip_search": True}):   # the last: the defaults
+        res = quant_layer(W, stats_of(X), bits=3, group_size=4, **{**plain, **args}).packed
         assert res.codes.shape == (4, 10) and res.scale.shape == (4, 3)
         assert torch.isfinite(res.dequantize()).all()
         assert output_err(W, res.dequantize(), X.T @ X) < output_err(W, rtn(W, None, QuantSpec(3, 4)).dequantize(),
@@ -289,7 +297,8 @@ def test_pruned_weights_stay_zero(method, act_order, prune):
     Wp = apply("magnitude", W, None, **prune)
     pruned = Wp == 0
     assert int(pruned.sum()) == 32 * 64 // 2
-    layer = quant_layer(Wp, stats_of(X), bits=4, group_size=32, method=method, act_order=act_order)
+    layer = quant_layer(Wp, stats_of(X), bits=4, group_size=32, method=method, act_order=act_order,
+                        static_groups=False)
     Wq, res = layer.W, layer.packed
     assert (Wq[pruned] == 0).all()                                     # every pruned weight is exactly 0
     gid = torch.arange(64) // 32 if res.g_idx is None else res.g_idx.long()
@@ -323,15 +332,16 @@ def _result(kind):
     args = {
         "asym": dict(bits=4, group_size=32, method="rtn"),
         "sym": dict(bits=3, group_size=64, symmetric=True, method="rtn"),
-        "act_order": dict(bits=4, group_size=32, act_order=True),
-        "act_order_sym": dict(bits=5, group_size=32, act_order=True, symmetric=True),
+        "act_order": dict(bits=4, group_size=32, act_order=True, static_groups=False),           # with g_idx
+        "act_order_sym": dict(bits=5, group_size=32, act_order=True, static_groups=False, symmetric=True),
+        "defaults": dict(bits=4, group_size=32),        # act_order + static groups + clipping: no g_idx
         "channel": dict(bits=3, group_size="channel"),
         "partial_8bit": dict(bits=8, group_size=48, clip_search=True),
     }[kind]
     return quant_layer(W, stats_of(X), **args).packed
 
 
-QL_KINDS = ["asym", "sym", "act_order", "act_order_sym", "channel", "partial_8bit"]
+QL_KINDS = ["asym", "sym", "act_order", "act_order_sym", "channel", "partial_8bit", "defaults"]
 
 
 @pytest.mark.parametrize("kind", QL_KINDS)
@@ -374,7 +384,7 @@ def test_storage_bits(bits, group_size, symmetric, act_order, words, expect):
     X = correlated_inputs(512, 128, seed=8)
     W = torch.randn(8, 128, generator=torch.Generator().manual_seed(8))
     res = quant_layer(W, stats_of(X), bits=bits, group_size=group_size, symmetric=symmetric,
-                      act_order=act_order).packed
+                      act_order=act_order, static_groups=False).packed
     m = QuantLinear.from_result(res, torch.zeros(8))    # the bias is not counted
     assert m.qweight.shape == (8, words)
     assert m.storage_bits() == expect
@@ -386,20 +396,8 @@ def test_storage_bits(bits, group_size, symmetric, act_order, words, expect):
 def test_cast_keeps_packed_state():
     mods = torch.nn.ModuleList([QuantLinear.from_result(_result("asym"), torch.randn(24)),
                                 QuantLinear.from_result(_result("act_order_sym"))])
-    before = [m.effective_weight() for m in mods]
-    buffers = {k: v.clone() for k, v in mods.state_dict().items() if "bias" not in k}
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        mods.to(dtype)
-        for k, v in mods.state_dict().items():
-            if "bias" in k:
-                assert v.dtype == dtype
-            else:
-                assert v.dtype == buffers[k].dtype and torch.equal(v, buffers[k]), k
-        assert mods[0].scales.dtype == torch.float16 and mods[1].g_idx.dtype == torch.int32
-        assert all(torch.equal(m.effective_weight(), w) for m, w in zip(mods, before))
-    mods.to(torch.bfloat16)
-    x = torch.randn(2, 128, dtype=torch.bfloat16)
-    assert torch.equal(mods[0](x), F.linear(x, before[0].to(torch.bfloat16), mods[0].bias))
+    check_cast_keeps_packed_state(mods, 128)
+    assert mods[0].scales.dtype == torch.float16 and mods[1].g_idx.dtype == torch.int32
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -453,7 +451,8 @@ def test_end_to_end_sparsegpt_then_quant_save_load(tiny_llama, tiny_tokenizer, t
 def test_end_to_end_act_order_sym_save_load(tiny_llama, tmp_path):
     ids = calib_ids(300, n=4, seq=16)
     model, _ = compress.run(tiny_llama, [{"quant": {"bits": 3, "group_size": 32, "symmetric": True,
-                                                    "act_order": True, "targets": ["mlp"]}}], calib=ids)
+                                                    "act_order": True, "static_groups": False,
+                                                    "targets": ["mlp"]}}], calib=ids)
     qls = _quant_linears(model)
     assert sorted({n.split(".")[-1] for n in qls}) == ["down_proj", "gate_proj", "up_proj"]
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
@@ -476,7 +475,8 @@ def test_rtn_only_run_needs_no_calibration(tiny_llama, monkeypatch):
         raise AssertionError("rtn must not run calibration forwards")
 
     monkeypatch.setattr("compress.runner.capture_inputs", no_forwards)
-    model, report = compress.run(tiny_llama, [{"quant": {"bits": 4, "group_size": 32, "method": "rtn"}}],
+    model, report = compress.run(tiny_llama, [{"quant": {"bits": 4, "group_size": 32, "method": "rtn",
+                                                          "clip_search": False}}],
                                  calib=calib_ids(300, n=2, seq=8))
     assert all(r["rel_error"] is None for r in report["layers"])
     qls = _quant_linears(model)
@@ -513,7 +513,9 @@ def test_bad_arguments_through_run(tiny_llama):
 
 def test_good_arguments_accepted():
     assert make_config("quant", {"group_size": "channel"}).spec.group_size is None
-    assert make_config("quant", {"bits": 8, "group_size": 7}).spec == QuantSpec(8, 7, False, False)
+    assert make_config("quant", {"bits": 8, "group_size": 7}).spec == QuantSpec(8, 7, False, True)   # clip_search
+    spec = make_config("quant", {"bits": 8, "group_size": 7, "clip_search": False}).spec
+    assert spec == QuantSpec(8, 7, False, False)
 
 
 def test_preflight_wants_quant_last(tiny_llama):
@@ -539,15 +541,21 @@ def test_run_refuses_pruning_after_quant(tiny_llama):
 def test_cli_lists_quant(capsys):
     assert run_cli("passes") == 0
     out = capsys.readouterr().out
-    for text in ("quant:", "group_size = 128", "method = 'gptq'", "act_order = False"):
-        assert text in out
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("quant: ")) + 1
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith(" ")), len(lines))
+    quant = "\n".join(lines[start:end])                               # the quant pass's fields
+    for text in ("group_size = 128", "method = 'gptq'", "act_order = True", "static_groups = True",
+                 "clip_search = True"):
+        assert text in quant
 
 
 def test_cli_run_with_quant(tmp_path, tiny_dir, corpus):  # noqa: F811
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, model=str(tiny_dir),
                           calib={"source": "text", "path": str(corpus), "nsamples": 4, "seqlen": 32},
-                          passes=[{"wanda": {"pattern": "2:4"}}, {"quant": {"bits": 4, "group_size": 32}}],
+                          passes=[{"wanda": {"pattern": "2:4"}},
+                                  {"quant": {"bits": 4, "group_size": 32, "act_order": False, "static_groups": False}}],
                           output=str(out))
     assert run_cli("run", recipe, "--set", "passes.1.quant.act_order=true") == 0
     report = json.loads((out / "report.json").read_text())

@@ -62,3 +62,27 @@ def test_quality_ordering(smollm2, data):
     for pattern in ("unstructured", "2:4"):
         p = {n: ppl[n, pattern] for n in ("sparsegpt", "wanda", "magnitude")}
         assert dense < p["sparsegpt"] <= p["wanda"] <= p["magnitude"], (dense, p)
+
+
+def test_quantization(smollm2, data, tmp_path):
+    """3-bit g64: GPTQ (act_order, static groups, MSE clipping) below RTN; SparseGPT 2:4
+    then GPTQ 4-bit stays exact 2:4 and reloads packed with the same logits."""
+    from compress.eval import evaluate
+    from compress.nn import QuantLinear
+    model, tok = smollm2
+    ids, windows = data
+    ppl = {}
+    for method in ("rtn", "gptq"):
+        m = copy.deepcopy(model)
+        compress.run(m, [{"quant": {"bits": 3, "group_size": 64, "method": method}}], calib=ids)
+        ppl[method] = evaluate(m, windows, batch_size=4)["ppl"]
+        del m
+    assert ppl["gptq"] < ppl["rtn"], ppl
+    m = copy.deepcopy(model)
+    compress.run(m, [{"sparsegpt": {"pattern": "2:4"}}, {"quant": {"bits": 4, "group_size": 64}}], calib=ids)
+    q = m.model.layers[29].mlp.down_proj
+    assert isinstance(q, QuantLinear) and is_nm(q.effective_weight(), 2, 4)
+    compress.save(str(tmp_path / "q"), m, tok)
+    m2, _ = compress.load(str(tmp_path / "q"))
+    x = windows[:1, :64]
+    assert torch.equal(m(x).logits, m2(x).logits)
