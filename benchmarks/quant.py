@@ -56,9 +56,10 @@ ROWS = {  # key: (label, passes)
 }
 
 NOTE = ("Why group 64 and 3 bits: SmolLM2-135M's weights were dequantized from Q4_1 (4-bit, groups of 32, "
-        "asymmetric), so 4-bit group-32 asymmetric RTN on Q4_1's grid would be lossless on it and tell nothing. "
-        "Groups of 64 do not align with those groups, and 3 bits is below the source precision. "
-        "Also 576 (the hidden size) = 9 x 64 is not a multiple of 128.")
+        "asymmetric with a float minimum), so 4-bit group-32 quantization on Q4_1's own grid would be lossless "
+        "and tell nothing (ours, with integer zero points, is not on that grid, but close). Groups of 64 do not "
+        "align with Q4_1's groups, and 3 bits is below the source precision. Also 576 (the hidden size) = 9 x 64 "
+        "is not a multiple of 128, so g128 would leave a short last group in most layers.")
 
 
 def is_24(passes) -> bool:

@@ -583,3 +583,17 @@ def test_cli_bad_quant_recipe(tmp_path, tiny_dir, corpus, capsys, passes, messag
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar, if any
     assert last.startswith("compress: error: ") and message in last
     assert not (tmp_path / "out").exists()
+
+
+def test_load_model_and_cli_eval_see_packed_layers(tiny_llama, tmp_path):
+    """`compress eval OUT` and `--reference OUT` go through load_model: a folder with
+    packed layers must come back packed, not as randomly initialized linears."""
+    from compress.models import load_model
+
+    compress.run(tiny_llama, [{"quant": {"method": "rtn", "group_size": 32}}], calib=calib_ids(300))
+    compress.save(str(tmp_path / "q"), tiny_llama)
+    loaded, _ = load_model(str(tmp_path / "q"))
+    x = calib_ids(300, n=1, seq=16)
+    assert isinstance(loaded.model.layers[1].mlp.up_proj, QuantLinear)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, tiny_llama(x).logits)
