@@ -145,7 +145,6 @@ class FakeQuantGroups(nn.Module):
         self.register_buffer("keep", full(torch.ones_like(res.scale), 0.0))              # [out, G] group mask
         # [out, in] weights that may be non-zero (an earlier pass's zeros stay zero)
         self.register_buffer("keep_w", None if res.keep is None else res.keep.float())
-        self.keep_bool = res.keep
         self.W = nn.Parameter(res.dequantize())
         self.s = nn.Parameter(full(res.scale, 1.0))
         self.z = nn.Parameter(full(res.zero, 0.0), requires_grad=not res.spec.symmetric)
@@ -174,10 +173,11 @@ class FakeQuantGroups(nn.Module):
     def result(self) -> GroupSparseResult:
         u, s, z = self.codes()
         g = u.shape[2]
-        if self.keep_bool is not None:   # a masked weight is stored as the code of 0
-            u = torch.where(grouped(self.keep_bool, self.spec, fill=False), u, z[..., None])
+        keep = None if self.keep_w is None else self.keep_w.bool()
+        if keep is not None:             # a masked weight is stored as the code of 0
+            u = torch.where(grouped(keep, self.spec, fill=False), u, z[..., None])
         return GroupSparseResult(self.spec, u.gather(1, self.idx[..., None].expand(-1, -1, g)).to(torch.uint8),
-                                 s.gather(1, self.idx), z.gather(1, self.idx), self.idx, self.d_in, self.keep_bool)
+                                 s.gather(1, self.idx), z.gather(1, self.idx), self.idx, self.d_in, keep)
 
 
 def _block_loss(ctx: BlockContext) -> float:
