@@ -80,6 +80,14 @@ def record_runtime_modules(model) -> None:
         del model.config.compress
 
 
+def runtime_modules_of(folder: Path) -> dict:
+    """{module name: meta} of the packed runtime modules a saved folder's config.json lists."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return {}
+    return (json.loads(cfg.read_text()).get("compress") or {}).get("modules", {})
+
+
 def _read_tensors(folder: Path, names: set) -> dict:
     """The named tensors from the folder's safetensors file(s) (sharded or not)."""
     from safetensors import safe_open
@@ -118,13 +126,13 @@ def _restore_runtime_modules(model, folder: Path, modules: dict) -> None:
 def load(path: str, dtype: Optional[torch.dtype] = None):
     """(model, tokenizer) from an output folder written by `save`; runtime modules
     (QuantLinear, ...) are rebuilt packed, as they were saved."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise CompressError(f"load: {path!r} is not a compress output folder (no config.json)")
-    modules = (getattr(AutoConfig.from_pretrained(p), "compress", None) or {}).get("modules", {})
+    modules = runtime_modules_of(p)
     # With runtime modules, transformers finds no `weight` for those layers (and does not
     # know their packed buffers): silence its report, then swap the modules in.
     verbosity = hf_logging.get_verbosity()

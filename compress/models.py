@@ -7,8 +7,6 @@ stores its weight as [in, out]; `get_weight` / `set_weight` hide that.
 """
 from __future__ import annotations
 
-import json
-
 import importlib.util
 import logging
 from pathlib import Path
@@ -56,22 +54,16 @@ def resolve_model(spec: str) -> tuple[str, Optional[str]]:
     return spec, None
 
 
-def _has_runtime_modules(folder: Path) -> bool:
-    """A compress output folder whose config.json lists packed runtime modules."""
-    cfg = folder / "config.json"
-    return cfg.is_file() and "compress" in json.loads(cfg.read_text())
-
-
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or the
     alias 'smollm2-135m'. A missing model is a one-line CompressError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, gguf = resolve_model(spec)
-    if not gguf and _has_runtime_modules(Path(where)):
-        from compress.checkpoint import load  # packed layers (QuantLinear, ...) need our loader
+    from compress.checkpoint import load, runtime_modules_of
 
-        return load(where, dtype)
+    if not gguf and runtime_modules_of(Path(where)):
+        return load(where, dtype)  # packed layers (QuantLinear, ...) need our loader
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)

@@ -116,8 +116,9 @@ def capture_inputs(model, blocks, ids: torch.LongTensor, batch_size: int, device
     return cache
 
 
-@torch.no_grad()
 def forward_block(block, inp: BlockInput, device) -> torch.Tensor:
+    """The block's hidden-state output on one calibration batch. Gradients follow the
+    caller's mode: the runner calls it under no_grad, BQPO trains through it."""
     return _first(block(inp.hidden.to(device), *inp.args, **inp.kwargs))
 
 

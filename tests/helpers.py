@@ -61,3 +61,24 @@ def check_cast_keeps_packed_state(mods: torch.nn.ModuleList, d_in: int) -> None:
     mods.to(torch.bfloat16)
     x = torch.randn(2, d_in, dtype=torch.bfloat16)
     assert torch.equal(mods[0](x), F.linear(x, before[0].to(torch.bfloat16), mods[0].bias))
+
+
+def check_reload_packed(out, ids: torch.Tensor, logits: torch.Tensor, packed: dict):
+    """compress.load(out) gives the same logits on ids, and the same packed runtime
+    modules as `packed` {name: module}: no more, no fewer, every packed buffer equal in
+    dtype and value. Returns (loaded model, tokenizer)."""
+    import compress
+    from compress.nn import PackedLinear
+
+    loaded, tok = compress.load(str(out))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+    assert {n for n, m in loaded.named_modules() if isinstance(m, PackedLinear)} == set(packed)
+    for name, m in packed.items():
+        new = loaded.get_submodule(name)
+        assert type(new) is type(m), name
+        for k in m.PACKED:
+            a, b = getattr(m, k), getattr(new, k)
+            assert (a is None) == (b is None), (name, k)
+            assert a is None or (a.dtype == b.dtype and torch.equal(a, b)), (name, k)
+    return loaded, tok

@@ -15,7 +15,7 @@ from compress.passes.base import Layer, make_config, pass_fn
 from compress.quantize import QuantSpec, dequantize, fit, fit_params, quantize, rtn
 from compress.runner import preflight
 from compress.stats import InputStats
-from helpers import apply, check_cast_keeps_packed_state, correlated_inputs, is_nm, stats_of
+from helpers import apply, check_cast_keeps_packed_state, check_reload_packed, correlated_inputs, is_nm, stats_of
 from test_cli import corpus, run_cli, tiny_dir, write_recipe  # noqa: F401  (fixtures and helpers of the CLI tests)
 
 
@@ -435,16 +435,8 @@ def test_end_to_end_sparsegpt_then_quant_save_load(tiny_llama, tiny_tokenizer, t
         "symmetric": False, "bias": False, "g_idx": False}
     assert set(entry["modules"]) == set(qls)
 
-    loaded, tok = compress.load(str(out))
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, logits)
-    lq = _quant_linears(loaded)
-    assert set(lq) == set(qls)
-    for name, m in qls.items():
-        for k in ("qweight", "scales", "qzeros"):
-            a, b = getattr(m, k), getattr(lq[name], k)
-            assert a.dtype == b.dtype and torch.equal(a, b), (name, k)
-        assert lq[name].g_idx is None
+    loaded, tok = check_reload_packed(out, ids, logits, qls)
+    assert all(m.g_idx is None for m in _quant_linears(loaded).values())
     assert tok("packed weights").input_ids == tiny_tokenizer("packed weights").input_ids
 
 
@@ -459,12 +451,7 @@ def test_end_to_end_act_order_sym_save_load(tiny_llama, tmp_path):
     assert all(m.g_idx is not None and m.qzeros is None for m in qls.values())
     with torch.no_grad():
         logits = model(ids).logits
-    out = compress.save(str(tmp_path / "out"), model)
-    loaded, _ = compress.load(str(out))
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, logits)
-    for n, m in _quant_linears(loaded).items():
-        assert torch.equal(m.g_idx, qls[n].g_idx) and torch.equal(m.qweight, qls[n].qweight)
+    check_reload_packed(compress.save(str(tmp_path / "out"), model), ids, logits, qls)   # g_idx too
 
 
 def test_rtn_only_run_needs_no_calibration(tiny_llama, monkeypatch):

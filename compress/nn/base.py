@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.packing import unpack_bits
+
 RUNTIME: dict[str, type] = {}  # class name -> class, for compress.load
 
 
@@ -44,6 +46,14 @@ class PackedLinear(nn.Module):
         for k, old in kept.items():  # follow the device, keep the dtype (and the values)
             self._buffers[k] = old.to(self._buffers[k].device)
         return self
+
+    def zeros(self) -> torch.Tensor:
+        """[out, n] fp32 zero points of the n stored groups (2^(b-1) on symmetric grids,
+        which store none). Subclasses have `spec`, `scales` [out, n] and `qzeros`."""
+        n = self.scales.shape[1]
+        if self.qzeros is None:
+            return torch.full((self.out_features, n), float(1 << (self.spec.bits - 1)), device=self.scales.device)
+        return unpack_bits(self.qzeros, self.spec.bits, n).float()
 
     def effective_weight(self) -> torch.Tensor:
         raise NotImplementedError

@@ -111,7 +111,5 @@ class GQSALinear(PackedLinear):
     def effective_weight(self) -> torch.Tensor:
         out, k, g, b = self.out_features, self.kept_groups, self.spec.group_size, self.spec.bits
         codes = unpack_bits(self.qweight, b, k * g).reshape(out, k, g)
-        zero = (torch.full((out, k), float(1 << (b - 1)), device=codes.device) if self.qzeros is None
-                else unpack_bits(self.qzeros, b, k).float())
-        values = dequantize(codes, self.scales.float()[..., None], zero[..., None])
+        values = dequantize(codes, self.scales.float()[..., None], self.zeros()[..., None])
         return scatter_groups(values, self.group_idx, self.in_features, self.spec.n_groups(self.in_features))

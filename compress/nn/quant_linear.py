@@ -60,13 +60,6 @@ class QuantLinear(PackedLinear):
                 "bits": self.spec.bits, "group_size": self.spec.group_size, "symmetric": self.spec.symmetric,
                 "bias": self.bias is not None, "g_idx": self.g_idx is not None}
 
-    def zeros(self) -> torch.Tensor:
-        """[out, G] fp32 zero points."""
-        G = self.scales.shape[1]
-        if self.qzeros is None:
-            return torch.full((self.out_features, G), float(1 << (self.spec.bits - 1)), device=self.scales.device)
-        return unpack_bits(self.qzeros, self.spec.bits, G).float()
-
     def codes(self) -> torch.Tensor:
         """[out, in] uint8 codes."""
         return unpack_bits(self.qweight, self.spec.bits, self.in_features)

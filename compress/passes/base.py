@@ -135,9 +135,9 @@ class BlockContext:
 
     def forward(self, k: int) -> torch.Tensor:
         """The block's output on calibration batch k."""
-        inp = self.inputs[k]
-        out = self.block(inp.hidden.to(self.device), *inp.args, **inp.kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        from compress.runner import forward_block  # the runner imports this module
+
+        return forward_block(self.block, self.inputs[k], self.device)
 
 
 def make_config(name: str, args: Optional[dict]) -> PassConfig:
