@@ -28,7 +28,17 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-SETTINGS = {"50%": ("unstructured", 0.5), "4:8": ("4:8", 0.5), "2:4": ("2:4", 0.5)}
+SETTINGS = {"50%": ("unstructured", 0.5), "60%": ("unstructured", 0.6), "70%": ("unstructured", 0.7),
+            "4:8": ("4:8", 0.5), "2:4": ("2:4", 0.5)}
+
+
+def sweep_of(method: str, setting: str) -> list:
+    """Recipe passes of a table row: "wanda" or a chain such as "wanda+dsnot" (the later
+    passes take their defaults; DSnoT keeps the pruning pass's pattern)."""
+    pattern, sparsity = SETTINGS[setting]
+    first, *rest = method.split("+")
+    cfg = {"sparsity": sparsity} if pattern == "unstructured" else {"pattern": pattern}
+    return [{first: cfg}] + [{p: {}} for p in rest]
 
 
 def worker_ours(args) -> None:
@@ -40,10 +50,8 @@ def worker_ours(args) -> None:
 
     model, _ = load_model("smollm2-135m")
     ids = torch.load(args.calib)
-    pattern, sparsity = SETTINGS[args.setting]
-    cfg = {"sparsity": sparsity} if pattern == "unstructured" else {"pattern": pattern}
     t0 = time.perf_counter()
-    compress.run(model, [{args.method: cfg}], calib=ids, batch_size=args.batch_size)
+    compress.run(model, sweep_of(args.method, args.setting), calib=ids, batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
     weights = {k: v.contiguous() for k, v in model.state_dict().items() if ".layers." in k and k.endswith("proj.weight")}
     save_worker_output(Path(args.out), weights, {"seconds": seconds})
@@ -169,7 +177,7 @@ def main() -> None:
     for setting in a.settings.split(","):
         for method in a.methods.split(","):
             row = {"method": method, "setting": setting}
-            impls = ["ours"] + ([] if a.no_peer or method == "magnitude" else ["peer"])
+            impls = ["ours"] + ([] if a.no_peer or method not in ("wanda", "sparsegpt") else ["peer"])
             for impl in impls:
                 r = run_row(impl, method, setting, work, a)
                 r["ppl"] = perplexity(model, dense_state, r["weights"], windows)

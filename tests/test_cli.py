@@ -84,7 +84,7 @@ def test_run_with_eval_reports_ppl_kl_top1(tmp_path, tiny_dir, corpus, data_dir)
 
 
 BAD = [
-    ({"passes": [{"prune": {}}]}, "unknown pass 'prune'; valid passes: gqsa, magnitude, quant, sparsegpt, wanda"),
+    ({"passes": [{"prune": {}}]}, "unknown pass 'prune'; valid passes: dsnot, gqsa, magnitude, quant, sparsegpt, wanda"),
     ({"passes": [{"wanda": {"sparsity": 1.5}}]}, "wanda.sparsity: expected a number in [0, 1)"),
     ({"passes": [{"wanda": {"pattern": "3:2"}}]}, "wanda.pattern: expected 'unstructured' or 'N:M'"),
     ({"passes": [{"wanda": {"bogus": 1}}]}, "wanda: unknown argument 'bogus'"),
@@ -186,3 +186,13 @@ def test_output_path_that_is_a_file_is_refused_before_work(tmp_path, tiny_dir, c
                           calib={"source": "text", "path": str(corpus)}, output=str(target))
     assert run_cli("run", recipe) == 2
     assert "output.dir: " in capsys.readouterr().err and target.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_parse(path):
+    from compress.api import as_configs
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(str(path))
+    names = [c.name for c in as_configs(recipe.passes)]
+    assert names and names == [next(iter(p)) for p in recipe.raw["passes"]]

@@ -86,3 +86,33 @@ def test_quantization(smollm2, data, tmp_path):
     m2, _ = compress.load(str(tmp_path / "q"))
     x = windows[:1, :64]
     assert torch.equal(m(x).logits, m2(x).logits)
+
+
+def test_dsnot(smollm2, data):
+    """DSnoT after Wanda 2:4 keeps every row's count and exact 2:4 on the real model and
+    shrinks |delta_i| in every layer; after magnitude 60 % it lowers perplexity a lot."""
+    from compress.eval import evaluate
+    model, _ = smollm2
+    ids, windows = data
+    runs = {}
+    for key, passes in {"wanda": [{"wanda": {"pattern": "2:4"}}],
+                        "wanda+dsnot": [{"wanda": {"pattern": "2:4"}}, {"dsnot": {}}]}.items():
+        m = copy.deepcopy(model)
+        _, report = compress.run(m, passes, calib=ids, batch_size=8)
+        runs[key] = (m, report)
+    (w, _), (d, report) = runs["wanda"], runs["wanda+dsnot"]
+    for (name, a), b in zip(w.model.layers.named_modules(), d.model.layers.modules()):
+        if isinstance(a, torch.nn.Linear):
+            assert is_nm(b.weight, 2, 4), name
+            assert torch.equal((a.weight != 0).sum(1), (b.weight != 0).sum(1)), name
+    assert sum(r["dsnot_swaps"] for r in report["layers"]) > 1000
+    assert all(r["dsnot_mean_abs_delta"][1] <= r["dsnot_mean_abs_delta"][0] for r in report["layers"])
+    del runs, w, d
+    ppl = {}
+    for key, passes in {"magnitude": [{"magnitude": {"sparsity": 0.6}}],
+                        "magnitude+dsnot": [{"magnitude": {"sparsity": 0.6}}, {"dsnot": {}}]}.items():
+        m = copy.deepcopy(model)
+        compress.run(m, passes, calib=ids, batch_size=8)
+        ppl[key] = evaluate(m, windows, batch_size=4)["ppl"]
+        del m
+    assert ppl["magnitude+dsnot"] < 0.8 * ppl["magnitude"], ppl

@@ -73,6 +73,9 @@ class Layer:
     # The runtime form a packing pass produced (e.g. a QuantResult): it has
     # `dequantize()` (equal to W) and `to_module(bias)`; the runner swaps it in.
     packed: Optional[object] = None
+    # The N:M pattern (N, M) the zeros of W follow, set by the pruning pass that made
+    # them; a later pass that moves zeros (DSnoT) keeps it.
+    nm: Optional[tuple[int, int]] = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -247,10 +250,12 @@ def topk_mask(score: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
     return keep.reshape(score.shape)
 
 
-def prune_by_score(score: torch.Tensor, cfg: SparsityConfig, layer_name: str) -> torch.Tensor:
-    """The mask a score implies under the config's pattern. score [out, in]."""
+def prune_by_score(score: torch.Tensor, cfg: SparsityConfig, layer: Layer) -> torch.Tensor:
+    """The mask a score implies under the config's pattern (recorded in `layer.nm`).
+    score [out, in]."""
     nm = cfg.nm
     if nm:
-        check_nm_fits(layer_name, score.shape[1], nm)
+        check_nm_fits(layer.name, score.shape[1], nm)
+        layer.nm = nm
         return nm_mask(score, *nm)
     return topk_mask(score, cfg.target_sparsity, cfg.scope)

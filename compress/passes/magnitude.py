@@ -23,5 +23,5 @@ Magnitude = MagnitudeConfig
 @register("magnitude", MagnitudeConfig)
 def magnitude(layer: Layer, cfg: MagnitudeConfig) -> None:
     # score S_ij = |W_ij|; weights already zero (an earlier pass) score 0 and go first.
-    keep = prune_by_score(layer.W.abs(), cfg, layer.name)
+    keep = prune_by_score(layer.W.abs(), cfg, layer)
     layer.W.mul_(keep)

@@ -58,6 +58,7 @@ def sparsegpt(layer: Layer, cfg: SparseGPTConfig) -> None:
     nm = cfg.nm
     if nm:
         check_nm_fits(layer.name, d_in, nm)
+        layer.nm = nm
         # Blocks must hold whole N:M groups.
         B = max(nm[1], cfg.blocksize // nm[1] * nm[1])
     else:

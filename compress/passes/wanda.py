@@ -28,4 +28,4 @@ Wanda = WandaConfig
 def wanda(layer: Layer, cfg: WandaConfig) -> None:
     norm = layer.stats.norm.to(layer.W.device)      # [in]  ||X_j||_2
     score = layer.W.abs() * norm[None, :]            # [out, in]  S_ij
-    layer.W.mul_(prune_by_score(score, cfg, layer.name))
+    layer.W.mul_(prune_by_score(score, cfg, layer))
