@@ -318,6 +318,8 @@ def preflight(model, sweep: list[PassConfig]) -> None:
         if not hits:
             raise CompressError(f"{cfg.name}.targets: no linear layer of the decoder blocks matches {cfg.targets}")
         nm = getattr(cfg, "nm", None)
-        if nm:
-            for n in hits:
-                check_nm_fits(n, get_weight(names[n]).shape[1], nm)
+        for n in hits:
+            shape = get_weight(names[n]).shape
+            if nm:
+                check_nm_fits(n, shape[1], nm)
+            cfg.check_layer(n, *shape)

@@ -42,10 +42,11 @@ def output_error(W, W_hat, X) -> float:
     return float(((X @ (W - W_hat).T) ** 2).sum() / ((X @ W.T) ** 2).sum())
 
 
-def check_cast_keeps_packed_state(mods: torch.nn.ModuleList, d_in: int) -> None:
+def check_cast_keeps_packed_state(mods: torch.nn.ModuleList, d_in: int, dense_forward: bool = True) -> None:
     """Casting runtime modules (PackedLinear) moves only their bias to the new dtype:
     packed codes, scales and indices keep dtype and values, so the effective weights
-    stay bit for bit; the bf16 forward is F.linear with the rounded effective weight."""
+    stay bit for bit; the bf16 forward is F.linear with the rounded effective weight
+    (for a factored forward, dense_forward=False: close to it)."""
     import torch.nn.functional as F
 
     before = [m.effective_weight() for m in mods]
@@ -60,7 +61,11 @@ def check_cast_keeps_packed_state(mods: torch.nn.ModuleList, d_in: int) -> None:
         assert all(torch.equal(m.effective_weight(), w) for m, w in zip(mods, before))
     mods.to(torch.bfloat16)
     x = torch.randn(2, d_in, dtype=torch.bfloat16)
-    assert torch.equal(mods[0](x), F.linear(x, before[0].to(torch.bfloat16), mods[0].bias))
+    want = F.linear(x, before[0].to(torch.bfloat16), mods[0].bias)
+    if dense_forward:
+        assert torch.equal(mods[0](x), want)
+    else:  # a factored forward rounds differently in bf16
+        assert torch.allclose(mods[0](x).float(), want.float(), rtol=0.05, atol=0.05)
 
 
 def check_reload_packed(out, ids: torch.Tensor, logits: torch.Tensor, packed: dict):

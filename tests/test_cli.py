@@ -84,7 +84,7 @@ def test_run_with_eval_reports_ppl_kl_top1(tmp_path, tiny_dir, corpus, data_dir)
 
 
 BAD = [
-    ({"passes": [{"prune": {}}]}, "unknown pass 'prune'; valid passes: dsnot, gqsa, magnitude, quant, sparsegpt, wanda"),
+    ({"passes": [{"prune": {}}]}, "unknown pass 'prune'; valid passes: armor, dsnot, gqsa, magnitude, quant, sparsegpt, wanda"),
     ({"passes": [{"wanda": {"sparsity": 1.5}}]}, "wanda.sparsity: expected a number in [0, 1)"),
     ({"passes": [{"wanda": {"pattern": "3:2"}}]}, "wanda.pattern: expected 'unstructured' or 'N:M'"),
     ({"passes": [{"wanda": {"bogus": 1}}]}, "wanda: unknown argument 'bogus'"),

@@ -4,5 +4,6 @@ from compress.passes.magnitude import Magnitude, MagnitudeConfig  # noqa: F401
 from compress.passes.wanda import Wanda, WandaConfig  # noqa: F401
 from compress.passes.sparsegpt import SparseGPT, SparseGPTConfig  # noqa: F401
 from compress.passes.dsnot import DSnoT, DSnoTConfig  # noqa: F401
+from compress.passes.armor import Armor, ArmorConfig  # noqa: F401
 from compress.passes.quant import Quant, QuantConfig  # noqa: F401
 from compress.passes.gqsa import GQSA, GQSAConfig  # noqa: F401

@@ -43,6 +43,10 @@ class PassConfig:
                 except re.error as e:
                     raise CompressError(f"{self.name}.{key}: bad regular expression {p!r} ({e})") from None
 
+    def check_layer(self, name: str, out: int, d_in: int) -> None:
+        """Raise CompressError if the pass cannot run on a layer of this shape; the
+        runner calls it for every targeted layer before any work."""
+
     def applies_to(self, name: str) -> bool:
         hit = any(re.search(p, name) for p in self.targets)
         return hit and not any(re.search(p, name) for p in self.ignore)

@@ -1,0 +1,199 @@
+"""What the table benchmarks share (benchmarks/quant.py, benchmarks/armor.py): each row
+is a list of passes run by `compress.run` in a fresh subprocess on SmolLM2-135M, under
+the engine protocol of benchmarks/prune.py (whose pieces this imports).
+
+A worker records the compression seconds (the call alone), the peak RSS of the whole
+process (VmHWM), and, over the targeted decoder linear layers: bits per weight counting
+everything stored (packed modules: sum storage_bits() / sum in*out; plain linears: 16),
+the fraction of zero weights, whether the effective weights are still exact 2:4, and
+(ARMOR) the extra parameters in %. It saves the effective weights; every perplexity is
+computed in the parent, from the dense model with them swapped in. Below the table the
+suite's targets are checked.
+
+A suite is a module with ROWS {key: (label, passes)}, TARGETS [(text, keys, check)],
+NOTE, NAME (its cache folder) and a docstring, whose `__main__` calls `main(suite)`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# prune.py also puts the repository root on sys.path (for `calib` and `compress`).
+from prune import WorkerFailed, perplexity, prepare, run_worker, save_worker_output  # noqa: E402
+
+
+def is_24(passes) -> bool:
+    return any(str(args.get("pattern", "")).replace(" ", "") == "2:4" for e in passes for args in e.values())
+
+
+def unavailable(passes) -> str | None:
+    """Why this checkout cannot run these passes (None: it can). Imports compress/passes/NAME.py
+    when the registry lacks NAME (a pass not yet listed in compress/passes/__init__.py)."""
+    import compress.passes  # noqa: F401  (registers the listed passes)
+    from compress.passes.base import REGISTRY
+
+    for entry in passes:
+        for name in entry:
+            if name in REGISTRY:
+                continue
+            try:
+                importlib.import_module(f"compress.passes.{name}")
+            except ModuleNotFoundError as e:
+                if e.name == f"compress.passes.{name}":
+                    return f"pass {name!r} does not exist in this checkout yet (no compress/passes/{name}.py)"
+                return f"compress/passes/{name}.py does not import: {e}"
+            except Exception as e:  # a pass being written: say what is wrong, run the other rows
+                return f"compress/passes/{name}.py does not import: {type(e).__name__}: {e}"
+            if name not in REGISTRY:
+                return f"compress/passes/{name}.py registers no pass {name!r}"
+    return None
+
+
+def measure(modules: dict, check_24: bool):
+    """Effective weights {name.weight: fp32 [out, in]} of the linears `modules` {name: module}
+    and their bits per weight, zero fraction and (check_24) exact-2:4 flag."""
+    import torch
+
+    from compress.nn.base import PackedLinear
+
+    weights, bits, numel, zeros, exact, extra = {}, 0, 0, 0, True, 0
+    with torch.no_grad():
+        for name, m in modules.items():
+            packed = isinstance(m, PackedLinear)
+            W = (m.effective_weight() if packed else m.weight).detach().float().cpu().contiguous()
+            weights[f"{name}.weight"] = W
+            bits += m.storage_bits() if packed else 16 * W.numel()
+            numel += W.numel()
+            extra += m.extra_parameters() if hasattr(m, "extra_parameters") else 0   # ARMOR's A and B
+            zeros += int((W == 0).sum())
+            if check_24:
+                exact &= W.shape[1] % 4 == 0 and bool(((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+    stats = {"layers": len(modules), "bits_per_weight": bits / numel, "zeros": zeros / numel,
+             "exact_24": exact if check_24 else None, "extra_params_pct": 100 * extra / numel}
+    return weights, stats
+
+
+def worker(suite, a) -> None:
+    """Subprocess: compress SmolLM2 with one row's passes; save effective weights and measures."""
+    import torch
+
+    import compress
+    from compress.models import load_model
+
+    passes = suite.ROWS[a.row][1]
+    why = unavailable(passes)
+    if why:
+        raise SystemExit(why)
+    model, _ = load_model("smollm2-135m")
+    ids = torch.load(a.calib)
+    t0 = time.perf_counter()
+    _, report = compress.run(model, passes, calib=ids, batch_size=a.batch_size)
+    seconds = time.perf_counter() - t0
+    targeted = {r["layer"]: model.get_submodule(r["layer"]) for r in report["layers"]}
+    weights, stats = measure(targeted, is_24(passes))
+    save_worker_output(Path(a.out), weights, {"seconds": seconds, **stats})
+
+
+def dense_row(model) -> dict:
+    from compress.models import block_linears, find_blocks
+
+    prefix, blocks = find_blocks(model)
+    linears = {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+    return measure(linears, False)[1]
+
+
+def table(suite, rows: dict) -> str:
+    fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+    lines = ["| row | key | ppl | seconds | peak RSS MiB | bits/weight | zero fraction | 2:4 exact | extra params % |",
+             "|" + "---|" * 9]
+    for key, r in rows.items():
+        ppl = "failed" if "error" in r else fmt(r.get("ppl"), ".2f")
+        exact = {True: "yes", False: "no", None: "—"}[r.get("exact_24")]
+        lines.append(f"| {suite.ROWS[key][0]} | `{key}` | {ppl} | {fmt(r.get('seconds'), '.1f')} | "
+                     f"{fmt(r.get('peak_rss_mib'), '.0f')} | {fmt(r.get('bits_per_weight'), '.3f')} | "
+                     f"{fmt(r.get('zeros'), '.4f')} | {exact} | {fmt(r.get('extra_params_pct'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def targets(suite, rows: dict) -> str:
+    lines = ["Targets of the issue:", ""]
+    for text, need, check in suite.TARGETS:
+        missing = [k for k in need if "ppl" not in rows.get(k, {})]
+        verdict = f"n/a (needs rows {', '.join(missing)})" if missing else ("PASS" if check(rows) else "FAIL")
+        lines.append(f"- {text}: {verdict}")
+    return "\n".join(lines)
+
+
+def main(suite) -> None:
+    """The command line of a suite module (ROWS, TARGETS, NOTE, NAME, __doc__, __file__)."""
+    ROWS = suite.ROWS
+    ap = argparse.ArgumentParser(description=suite.__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--row", help=argparse.SUPPRESS)
+    ap.add_argument("--calib", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", default=os.environ.get("COMPRESS_DATA_DIR"))
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512, help="calibration sequence length")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated row keys (default: all of {','.join(ROWS)})")
+    ap.add_argument("--work", default=str(HERE / ".cache" / suite.NAME))
+    ap.add_argument("--markdown", help="also write the output (note, table, targets) to this file")
+    a = ap.parse_args()
+    if a.worker:
+        return worker(suite, a)
+    keys = [k.strip() for k in a.rows.split(",") if k.strip()]
+    bad = [k for k in keys if k not in ROWS]
+    if bad or not keys:
+        raise SystemExit(f"--rows: unknown row {', '.join(bad) or '(none given)'}; valid rows: {', '.join(ROWS)}")
+    import torch
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    skip = {k: why for k in keys if (why := unavailable(ROWS[k][1]))}
+    for k, why in skip.items():
+        print(f"row {k} will fail: {why}", flush=True)
+    model, windows, dense_state = prepare(a, work)
+    rows: dict = {}
+    for key in keys:
+        label, passes = ROWS[key]
+        if key == "dense":
+            r = {**dense_row(model), "ppl": perplexity(model, dense_state, None, windows)}
+        elif key in skip:
+            r = {"error": skip[key]}
+        else:
+            out = work / key
+            cmd = [sys.executable, suite.__file__, "--worker", "--row", key, "--calib", str(work / "calib.pt"),
+                   "--out", str(out), "--batch-size", str(a.batch_size)]
+            try:
+                r = run_worker(cmd, out, f"row {key} ({label})")
+                r["ppl"] = perplexity(model, dense_state, r["weights"], windows)
+            except WorkerFailed as e:
+                r = {"error": str(e.code)}
+        rows[key] = r
+        if "error" in r:
+            print(f"{key:13s} FAILED: {r['error']}", flush=True)
+        else:
+            print(f"{key:13s} ppl {r['ppl']:8.2f}  {r.get('seconds', 0):6.1f} s  {r.get('peak_rss_mib', 0):5.0f} MiB  "
+                  f"{r['bits_per_weight']:6.3f} bits/w  zeros {r['zeros']:.4f}", flush=True)
+    (work / "rows.json").write_text(json.dumps(rows, indent=2))
+    text = (f"SmolLM2-135M; calibration {a.nsamples} x {a.seqlen} C4 train tokens, seed 0; WikiText-2 test, "
+            f"seqlen 512, {windows.shape[0]} windows; {os.cpu_count()} CPU cores; torch {torch.__version__}\n\n"
+            f"{suite.NOTE}\n\n{table(suite, rows)}\n\n{targets(suite, rows)}")
+    failed = [f"- `{k}`: {r['error'].strip().splitlines()[-1]}" for k, r in rows.items() if "error" in r]
+    if failed:
+        text += "\n\nFailed rows:\n\n" + "\n".join(failed)
+    print(text)
+    if a.markdown:
+        Path(a.markdown).write_text(text + "\n")
+
+

@@ -1,0 +1,253 @@
+"""ARMOR: 2:4 pruning as a factorization (Liu et al., ICLR 2026, "ARMOR: High-Performance
+Semi-Structured Pruning via Adaptive Matrix Factorization").
+
+Each weight becomes W_hat = A (W' * M) B (`ArmorLinear`): M is an exact 2:4 mask, and A
+[out, out] and B [in, in] are block diagonal with b x b blocks. Block coordinate descent
+on a layer-wise proxy loss chooses them, in one of two forms:
+
+    diag  L = sum_ij (W - W_hat)_ij^2 h_j   with h = diag(X X^T)  (the paper's NoWag loss)
+    full  L = tr((W - W_hat) X X^T (W - W_hat)^T)   (the layer's output error)
+
+Both are divided by their value at W_hat = 0, so they read as relative errors.
+
+Start: A = B = I and a 2:4 core, taken either from the mask and weights an earlier pass
+left (for example SparseGPT 2:4), or from NoWag-P. NoWag-P keeps the top 2 of
+W_bar^2 * h in every group of 4, where W_bar is W with its rows and then its columns
+scaled to unit norm.
+
+Each iteration has two steps.
+(a) Continuous: one Adam step on A, B and the kept values of W'.
+(b) Discrete: re-solve the core group by group. Changing a group's four values s (row r,
+    inputs c..c+3) moves W_hat by a_r (s B_c), so the loss is the quadratic
+        L(s) = L_0 - 2 g.s + |a_r|^2 s Q_c s^T.
+    Here a_r is column r of A, B_c is rows c..c+3 of B, Q_c = B_c H B_c^T, and
+        g = [A^T (E H) B^T]_{r,c} + |a_r|^2 Q_c s_old
+    where E = W - W_hat and H = X X^T (diag h for the diag loss). For each of the 6
+    two-of-four supports the 2-value least-squares problem is solved in closed form,
+    and the best support is kept. Every (A block, B block) pair re-solves its group of
+    largest loss drop. Under the diag loss those groups touch disjoint parts of W_hat,
+    so all of them update in parallel exactly.
+
+A step that raises the loss is undone, and the best iterate is kept. So the final loss
+is at most the loss at the start: the paper's guarantee.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from compress.errors import CompressError
+from compress.nn.armor_linear import ArmorResult, FACTOR_DTYPE, factor_product
+from compress.passes.base import Layer, PassConfig, register
+
+PAIRS = torch.tensor(list(itertools.combinations(range(4), 2)))        # [6, 2] two-of-four supports
+PRESETS = {"default": 100, "fast": 30}                                  # iterations
+
+
+@dataclass
+class ArmorConfig(PassConfig):
+    """block_size  b, the side of A's and B's diagonal blocks (divides in and out)
+    iters       block coordinate descent iterations (default: from `preset`)
+    preset      'default' (100 iterations) or 'fast' (30)
+    lr          Adam learning rate of A, B and the core values
+    loss        'diag' or 'full' (see the module docstring)
+    init        'auto' (the layer's 2:4 mask if an earlier pass left one, else NoWag-P),
+                'nowag' or 'mask'
+    seed        unused by the greedy steps; kept for reproducible extensions"""
+
+    block_size: int = 32
+    iters: Optional[int] = None
+    preset: str = "default"
+    lr: float = 1e-2
+    loss: str = "diag"
+    init: str = "auto"
+
+    packs = True
+
+    @property
+    def needs_xtx(self) -> bool:
+        return self.loss == "full"
+
+    @property
+    def n_iters(self) -> int:
+        return PRESETS[self.preset] if self.iters is None else self.iters
+
+    def validate(self) -> None:
+        super().validate()
+        n = self.name
+
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not integer(self.block_size) or self.block_size < 4 or self.block_size % 4:
+            raise CompressError(f"{n}.block_size: expected a multiple of 4, got {self.block_size!r}")
+        if self.iters is not None and (not integer(self.iters) or self.iters < 0):
+            raise CompressError(f"{n}.iters: expected an integer >= 0, got {self.iters!r}")
+        if self.preset not in PRESETS:
+            raise CompressError(f"{n}.preset: expected one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise CompressError(f"{n}.lr: expected a positive number, got {self.lr!r}")
+        if self.loss not in ("diag", "full"):
+            raise CompressError(f"{n}.loss: expected 'diag' or 'full', got {self.loss!r}")
+        if self.init not in ("auto", "nowag", "mask"):
+            raise CompressError(f"{n}.init: expected 'auto', 'nowag' or 'mask', got {self.init!r}")
+
+    def check_layer(self, name: str, out: int, d_in: int) -> None:
+        """Refuse, before any work, a layer the factorization cannot tile."""
+        b = self.block_size
+        for what, d in (("input", d_in), ("output", out)):
+            if d % b:
+                raise CompressError(f"{self.name}.block_size: {b} does not divide the {what} size {d} of layer {name}")
+
+
+Armor = ArmorConfig
+
+
+class ProxyLoss:
+    """L(W_hat) / L(0) for the diag or full loss; H [in, in] (full) or h [in] (diag)."""
+
+    def __init__(self, W: torch.Tensor, H: Optional[torch.Tensor], h: torch.Tensor):
+        self.W, self.H, self.h = W, H, h
+        self.scale = 1.0
+        self.scale = 1.0 / max(float(self(torch.zeros_like(W))), 1e-30)
+
+    def times_H(self, E: torch.Tensor) -> torch.Tensor:
+        return E @ self.H if self.H is not None else E * self.h
+
+    def __call__(self, W_hat: torch.Tensor) -> torch.Tensor:
+        E = self.W - W_hat
+        return (self.times_H(E) * E).sum() * self.scale
+
+    def H_blocks(self, b: int) -> torch.Tensor:
+        """The b x b diagonal blocks of H, [in/b, b, b]."""
+        if self.H is None:
+            return torch.diag_embed(self.h.reshape(-1, b))
+        n = self.W.shape[1] // b
+        return self.H.reshape(n, b, n, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def top2(score: torch.Tensor) -> torch.Tensor:
+    out, d_in = score.shape
+    keep = torch.zeros(out, d_in // 4, 4, dtype=torch.bool, device=score.device)
+    keep.scatter_(2, score.reshape(out, d_in // 4, 4).topk(2, dim=2).indices, True)
+    return keep.reshape(out, d_in)
+
+
+def start(layer: Layer, cfg: ArmorConfig, W: torch.Tensor, h: torch.Tensor):
+    """(core values V [out, in], 2:4 mask M [out, in]) to start from."""
+    cur = layer.W
+    groups = (cur != 0).reshape(cur.shape[0], -1, 4).sum(-1)
+    has_mask = bool((groups <= 2).all()) and bool((cur == 0).any())
+    if cfg.init == "mask" and not has_mask:
+        raise CompressError(f"{cfg.name}.init: layer {layer.name} has no 2:4 mask from an earlier pass "
+                            "(put a 2:4 pruning pass first, or use init: nowag)")
+    score = nowag_score(W, h)
+    if cfg.init == "nowag" or not has_mask:
+        M = top2(score)
+        return W * M, M
+    M = top2(torch.where(cur != 0, 1.0 + score, score))   # the earlier mask, completed to two per group
+    return cur * M, M
+
+
+def nowag_score(W: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """NoWag-P's score W_bar^2 h (W_bar: rows, then columns, scaled to unit norm), scaled
+    into [0, 1]; its top 2 per group of 4 is the NoWag-P mask."""
+    Wb = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    Wb = Wb / Wb.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    s = Wb.square() * h
+    return s / s.max().clamp_min(1e-30)
+
+
+def group_Q(B: torch.Tensor, loss: ProxyLoss, b: int) -> torch.Tensor:
+    """Q_c = B_c H B_c^T for every group c of 4 core columns, [in/4, 4, 4] (B_c: rows
+    c..c+3 of blockdiag(B), nonzero only in one block, so only H's diagonal blocks enter)."""
+    nB, gpb = B.shape[0], b // 4
+    BHB = B @ loss.H_blocks(b) @ B.transpose(1, 2)                                   # [nB, b, b]
+    Q = BHB.reshape(nB, gpb, 4, gpb, 4).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(-1, 4, 4)
+    return Q + 1e-6 * Q.diagonal(dim1=1, dim2=2).mean() * torch.eye(4, device=Q.device)
+
+
+@torch.no_grad()
+def discrete_step(A, B, V, M, G, loss: ProxyLoss, b: int, before: float) -> int:
+    """Re-solve the core group of largest loss drop in every (A block, B block) pair,
+    over the 6 supports. G = A^T (E H) B^T [out, in] at the current factors (minus half
+    the loss gradient wrt the core); `before` is the current loss. Edits V, M in place;
+    returns the number of groups changed. Undone if the loss rises (full loss only:
+    there groups in one row interact)."""
+    out, d_in = V.shape
+    nA, nB, gpb = out // b, d_in // b, b // 4
+    S = V * M
+    Q = group_Q(B, loss, b)                                                     # [in/4, 4, 4]
+    an = A.square().sum(1).reshape(out).clamp_min(1e-12)[:, None]              # |a_r|^2  [out, 1]
+    s_old = S.reshape(out, -1, 4)
+    qs = an[..., None] * torch.einsum("gpq,ogq->ogp", Q, s_old)                # q s_old
+    g = G.reshape(out, -1, 4) + qs                                              # [out, in/4, 4]
+    current = 2 * (g * s_old).sum(-1) - (s_old * qs).sum(-1)                    # [out, in/4]
+    pairs = PAIRS.to(V.device)
+    Qi = torch.linalg.inv(Q[:, pairs[:, :, None], pairs[:, None, :]])          # [in/4, 6, 2, 2]
+    gp, gq = g[..., pairs[:, 0]], g[..., pairs[:, 1]]                           # [out, in/4, 6]
+    value = (Qi[..., 0, 0] * gp * gp + 2 * Qi[..., 0, 1] * gp * gq + Qi[..., 1, 1] * gq * gq) / an[..., None]
+    value, k = value.max(-1)                                                    # best support
+    gain = (value - current).reshape(nA, b, nB, gpb).permute(0, 2, 1, 3).reshape(nA, nB, b * gpb)
+    best, pick = gain.max(-1)                                                   # [nA, nB]
+    jA, kB = torch.meshgrid(torch.arange(nA, device=V.device), torch.arange(nB, device=V.device), indexing="ij")
+    r = (jA * b + pick // gpb)[best > 0]
+    c = (kB * gpb + pick % gpb)[best > 0]                                       # group along the input
+    if r.numel() == 0:
+        return 0
+    kk = k[r, c]
+    sS = (Qi[c, kk] @ torch.stack([gp[r, c, kk], gq[r, c, kk]], -1)[..., None])[..., 0] / an[r]
+    new = torch.zeros(r.numel(), 4, device=V.device).scatter_(1, pairs[kk], sS)
+    cols = c[:, None] * 4 + torch.arange(4, device=V.device)
+    old_V, old_M = V[r[:, None], cols], M[r[:, None], cols]
+    V[r[:, None], cols], M[r[:, None], cols] = new, new != 0
+    if loss.H is not None and loss(factor_product(A, V * M, B)) > before:
+        V[r[:, None], cols], M[r[:, None], cols] = old_V, old_M
+        return 0
+    return int(r.numel())
+
+
+@register("armor", ArmorConfig)
+def armor(layer: Layer, cfg: ArmorConfig) -> None:
+    W = layer.W_dense.to(layer.W.device).float()                  # the target is the dense weight
+    out, d_in = W.shape
+    cfg.check_layer(layer.name, out, d_in)
+    b, dev = cfg.block_size, W.device
+    st = layer.stats
+    h = (st.sumsq * (2.0 / max(st.n, 1))).float().to(dev)         # diag(H), H = (2/n) X^T X
+    loss = ProxyLoss(W, st.hessian().to(dev) if cfg.loss == "full" else None, h)
+    V, M = start(layer, cfg, W, h)
+    eye = lambda n: torch.eye(b, device=dev).repeat(n, 1, 1)  # noqa: E731  [n, b, b] identity blocks
+    start_res = ArmorResult(eye(out // b).to(FACTOR_DTYPE), eye(d_in // b).to(FACTOR_DTYPE), V.to(FACTOR_DTYPE))
+    A, B = eye(out // b).requires_grad_(True), eye(d_in // b).requires_grad_(True)
+    V = V.clone().requires_grad_(True)
+    opt = torch.optim.Adam([A, B, V], lr=cfg.lr)
+    best_loss, best = float("inf"), None
+    swaps = 0
+    for it in range(cfg.n_iters + 1):
+        with torch.enable_grad():
+            S = V * M
+            S.retain_grad()
+            L = loss(factor_product(A, S, B))
+            if L.item() < best_loss:
+                best_loss, best = L.item(), (A.detach().clone(), B.detach().clone(), S.detach().clone())
+            if it == cfg.n_iters:
+                break
+            opt.zero_grad(set_to_none=True)
+            L.backward()
+        # (b) then (a), both from this point's gradient: dL/dS = -2 scale A^T (E H) B^T
+        G = S.grad / (-2 * loss.scale)
+        swaps += discrete_step(A.detach(), B.detach(), V.detach(), M, G, loss, b, L.item())
+        opt.step()
+    res = ArmorResult(*(t.to(FACTOR_DTYPE) for t in best))
+    with torch.no_grad():
+        l0, l1 = float(loss(start_res.dequantize())), float(loss(res.dequantize()))
+    if l1 > l0:                                                    # never worse than the start
+        res, l1 = start_res, l0
+    layer.packed = res
+    layer.W.copy_(res.dequantize())
+    layer.info.update(armor_loss=[l0, l1], armor_core_updates=swaps,
+                      armor_extra_params_pct=round(100 * (res.A.numel() + res.B.numel()) / (out * d_in), 3))
