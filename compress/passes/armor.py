@@ -56,7 +56,7 @@ class ArmorConfig(PassConfig):
     loss        'diag' or 'full' (see the module docstring)
     init        'auto' (the layer's 2:4 mask if an earlier pass left one, else NoWag-P),
                 'nowag' or 'mask'
-    seed        unused by the greedy steps; kept for reproducible extensions"""
+    Every step is deterministic (greedy picks, no sampling), so no seed is needed."""
 
     block_size: int = 32
     iters: Optional[int] = None
