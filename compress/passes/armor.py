@@ -111,7 +111,7 @@ class ProxyLoss:
 
     def __init__(self, W: torch.Tensor, H: Optional[torch.Tensor], h: torch.Tensor):
         self.W, self.H, self.h = W, H, h
-        self.scale = 1.0
+        self.scale = 1.0                                   # L(0) unscaled, then the scale
         self.scale = 1.0 / max(float(self(torch.zeros_like(W))), 1e-30)
 
     def times_H(self, E: torch.Tensor) -> torch.Tensor:
@@ -130,6 +130,7 @@ class ProxyLoss:
 
 
 def top2(score: torch.Tensor) -> torch.Tensor:
+    """The exact 2:4 mask [out, in] keeping the 2 highest scores of every group of 4."""
     out, d_in = score.shape
     keep = torch.zeros(out, d_in // 4, 4, dtype=torch.bool, device=score.device)
     keep.scatter_(2, score.reshape(out, d_in // 4, 4).topk(2, dim=2).indices, True)
