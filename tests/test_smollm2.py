@@ -116,3 +116,29 @@ def test_dsnot(smollm2, data):
         ppl[key] = evaluate(m, windows, batch_size=4)["ppl"]
         del m
     assert ppl["magnitude+dsnot"] < 0.8 * ppl["magnitude"], ppl
+
+
+def test_armor(smollm2, data, tmp_path):
+    """ARMOR from SparseGPT 2:4 (a short run) lowers perplexity below SparseGPT 2:4's,
+    keeps every layer's proxy loss at or below its start, and reloads packed."""
+    from compress.eval import evaluate
+    from compress.nn import ArmorLinear
+    model, tok = smollm2
+    ids, windows = data
+    ppl = {}
+    for key, passes in {"sgpt": [{"sparsegpt": {"pattern": "2:4"}}],
+                        "armor": [{"sparsegpt": {"pattern": "2:4"}}, {"armor": {"iters": 15}}]}.items():
+        m = copy.deepcopy(model)
+        _, report = compress.run(m, passes, calib=ids, batch_size=8)
+        ppl[key] = evaluate(m, windows, batch_size=4)["ppl"]
+        if key == "armor":
+            mods = {n: x for n, x in m.named_modules() if isinstance(x, ArmorLinear)}
+            assert len(mods) == 30 * 7
+            assert all(r["armor_loss"][1] <= r["armor_loss"][0] for r in report["layers"])
+            assert all(is_nm(x.core(), 2, 4) for x in mods.values())
+            out = compress.save(str(tmp_path / "armor"), m, tok, report=report)
+            loaded, _ = compress.load(str(out))
+            assert torch.equal(loaded.model.layers[3].mlp.down_proj.effective_weight(),
+                               mods["model.layers.3.mlp.down_proj"].effective_weight())
+        del m
+    assert ppl["armor"] < ppl["sgpt"], ppl
