@@ -302,10 +302,9 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
 
 def preflight(model, sweep: list[PassConfig]) -> None:
     """Catch configuration errors before any heavy work: every pass must target at
-    least one linear layer, N:M patterns must divide each targeted layer's input, and a
-    packing pass (quant, gqsa) must be the last layer pass on its layers."""
-    from compress.passes.base import check_nm_fits
-
+    least one linear layer and accept each targeted layer's shape (`check_layer`: N:M
+    patterns must divide the input, ARMOR's blocks both sides), and a packing pass
+    (quant, gqsa, armor) must be the last layer pass on its layers."""
     prefix, blocks = find_blocks(model)
     names = {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
     for k, cfg in enumerate(sweep):
@@ -317,9 +316,5 @@ def preflight(model, sweep: list[PassConfig]) -> None:
         hits = [n for n in names if cfg.applies_to(n)]
         if not hits:
             raise CompressError(f"{cfg.name}.targets: no linear layer of the decoder blocks matches {cfg.targets}")
-        nm = getattr(cfg, "nm", None)
         for n in hits:
-            shape = get_weight(names[n]).shape
-            if nm:
-                check_nm_fits(n, shape[1], nm)
-            cfg.check_layer(n, *shape)
+            cfg.check_layer(n, *get_weight(names[n]).shape)

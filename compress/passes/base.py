@@ -216,6 +216,10 @@ class SparsityConfig(PassConfig):
     def nm(self) -> Optional[tuple[int, int]]:
         return parse_pattern(self.pattern, f"{self.name}.pattern")
 
+    def check_layer(self, name: str, out: int, d_in: int) -> None:
+        if self.nm:
+            check_nm_fits(name, d_in, self.nm)
+
     @property
     def target_sparsity(self) -> float:
         nm = self.nm

@@ -72,6 +72,15 @@ class DSnoTConfig(PassConfig):
         if self.pattern != "auto":
             parse_pattern(self.pattern, f"{n}.pattern")
 
+    @property
+    def nm(self):
+        """(N, M) of an explicit N:M pattern, else None ('auto', 'unstructured')."""
+        return None if self.pattern == "auto" else parse_pattern(self.pattern, f"{self.name}.pattern")
+
+    def check_layer(self, name: str, out: int, d_in: int) -> None:
+        if self.nm:
+            check_nm_fits(name, d_in, self.nm)
+
 
 DSnoT = DSnoTConfig
 
@@ -80,9 +89,9 @@ def _layer_pattern(layer: Layer, cfg: DSnoTConfig):
     """(N, M) or None: the pattern the swaps must keep."""
     if cfg.pattern == "auto":
         return layer.nm
-    nm = parse_pattern(cfg.pattern, f"{cfg.name}.pattern")
+    nm = cfg.nm
     if nm:
-        check_nm_fits(layer.name, layer.W.shape[1], nm)
+        cfg.check_layer(layer.name, *layer.W.shape)
         kept = (layer.W != 0).reshape(layer.W.shape[0], -1, nm[1]).sum(-1)
         if (kept > nm[0]).any():
             raise CompressError(f"{cfg.name}.pattern: the zeros of {layer.name} do not follow {cfg.pattern}; "
