@@ -102,7 +102,7 @@ def _result(seed=4, out=16, d_in=32, b=8):
     core = torch.randn(out, d_in, generator=g) * keep.reshape(out, d_in)
     A = torch.eye(b) + 0.1 * torch.randn(out // b, b, b, generator=g)
     B = torch.eye(b) + 0.1 * torch.randn(d_in // b, b, b, generator=g)
-    return ArmorResult(A.half(), B.half(), core.half())
+    return ArmorResult(A.half(), B.half(), core.half(), keep.reshape(out, d_in))
 
 
 def test_module_matches_its_effective_weight():
@@ -119,7 +119,7 @@ def test_module_matches_its_effective_weight():
 
 def test_module_keeps_a_zero_kept_value():
     res = _result()
-    res.core[0, :4] = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float16)   # a group with one value
+    res.core[0, res.mask[0].nonzero()[0, 0]] = 0.0                          # a kept value of 0
     m = ArmorLinear.from_result(res)
     assert torch.equal(m.core(), res.core.float()) and is_nm(m.core(), 2, 4)
 

@@ -63,7 +63,8 @@ class ArmorResult:
 
     A: torch.Tensor       # [out/b, b, b]
     B: torch.Tensor       # [in/b, b, b]
-    core: torch.Tensor    # [out, in], exact 2:4
+    core: torch.Tensor    # [out, in], zero outside the mask
+    mask: torch.Tensor    # [out, in] bool, exact 2:4 (a kept value may be 0)
 
     def dequantize(self) -> torch.Tensor:
         return factor_product(self.A.float(), self.core.float(), self.B.float())
@@ -89,15 +90,7 @@ class ArmorLinear(PackedLinear):
     def from_result(cls, res: ArmorResult, bias: Optional[torch.Tensor] = None) -> "ArmorLinear":
         out, d_in = res.core.shape
         m = cls(d_in, out, res.A.shape[1], bias is not None).to(res.core.device)
-        keep = res.core != 0
-        # A kept value may be exactly 0: complete each group to two positions.
-        groups = keep.reshape(out, -1, 4)
-        short = groups.sum(-1) < 2
-        if short.any():
-            fill = torch.arange(4, 0, -1, device=keep.device).float() * 1e-3     # first free slots win
-            extra = (groups.float() * 10 + fill).topk(2, dim=-1).indices
-            groups = torch.where(short[..., None], torch.zeros_like(groups).scatter(-1, extra, True), groups)
-            keep = groups.reshape(out, d_in)
+        keep = res.mask
         m.positions.copy_(pack_positions(keep))
         m.values.copy_(res.core[keep].reshape(out, d_in // 2).to(FACTOR_DTYPE))
         m.A.copy_(res.A.to(FACTOR_DTYPE))

@@ -41,7 +41,7 @@ import torch
 
 from compress.errors import CompressError
 from compress.nn.armor_linear import ArmorResult, FACTOR_DTYPE, factor_product
-from compress.passes.base import Layer, PassConfig, register
+from compress.passes.base import Layer, PassConfig, nm_mask, register
 
 PAIRS = torch.tensor(list(itertools.combinations(range(4), 2)))        # [6, 2] two-of-four supports
 PRESETS = {"default": 100, "fast": 30}                                  # iterations
@@ -129,14 +129,6 @@ class ProxyLoss:
         return self.H.reshape(n, b, n, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
-def top2(score: torch.Tensor) -> torch.Tensor:
-    """The exact 2:4 mask [out, in] keeping the 2 highest scores of every group of 4."""
-    out, d_in = score.shape
-    keep = torch.zeros(out, d_in // 4, 4, dtype=torch.bool, device=score.device)
-    keep.scatter_(2, score.reshape(out, d_in // 4, 4).topk(2, dim=2).indices, True)
-    return keep.reshape(out, d_in)
-
-
 def start(layer: Layer, cfg: ArmorConfig, W: torch.Tensor, h: torch.Tensor):
     """(core values V [out, in], 2:4 mask M [out, in]) to start from."""
     cur = layer.W
@@ -147,9 +139,9 @@ def start(layer: Layer, cfg: ArmorConfig, W: torch.Tensor, h: torch.Tensor):
                             "(put a 2:4 pruning pass first, or use init: nowag)")
     score = nowag_score(W, h)
     if cfg.init == "nowag" or not has_mask:
-        M = top2(score)
+        M = nm_mask(score, 2, 4)
         return W * M, M
-    M = top2(torch.where(cur != 0, 1.0 + score, score))   # the earlier mask, completed to two per group
+    M = nm_mask(torch.where(cur != 0, 1.0 + score, score), 2, 4)   # the earlier mask, completed to 2 per group
     return cur * M, M
 
 
@@ -202,9 +194,10 @@ def discrete_step(A, B, V, M, G, loss: ProxyLoss, b: int, before: float) -> int:
     kk = k[r, c]
     sS = (Qi[c, kk] @ torch.stack([gp[r, c, kk], gq[r, c, kk]], -1)[..., None])[..., 0] / an[r]
     new = torch.zeros(r.numel(), 4, device=V.device).scatter_(1, pairs[kk], sS)
+    support = torch.zeros(r.numel(), 4, dtype=torch.bool, device=V.device).scatter_(1, pairs[kk], True)
     cols = c[:, None] * 4 + torch.arange(4, device=V.device)
     old_V, old_M = V[r[:, None], cols], M[r[:, None], cols]
-    V[r[:, None], cols], M[r[:, None], cols] = new, new != 0
+    V[r[:, None], cols], M[r[:, None], cols] = new, support
     if loss.H is not None and loss(factor_product(A, V * M, B)) > before:
         V[r[:, None], cols], M[r[:, None], cols] = old_V, old_M
         return 0
@@ -222,7 +215,7 @@ def armor(layer: Layer, cfg: ArmorConfig) -> None:
     loss = ProxyLoss(W, st.hessian().to(dev) if cfg.loss == "full" else None, h)
     V, M = start(layer, cfg, W, h)
     eye = lambda n: torch.eye(b, device=dev).repeat(n, 1, 1)  # noqa: E731  [n, b, b] identity blocks
-    start_res = ArmorResult(eye(out // b).to(FACTOR_DTYPE), eye(d_in // b).to(FACTOR_DTYPE), V.to(FACTOR_DTYPE))
+    start_res = ArmorResult(eye(out // b).to(FACTOR_DTYPE), eye(d_in // b).to(FACTOR_DTYPE), V.to(FACTOR_DTYPE), M.clone())
     A, B = eye(out // b).requires_grad_(True), eye(d_in // b).requires_grad_(True)
     V = V.clone().requires_grad_(True)
     opt = torch.optim.Adam([A, B, V], lr=cfg.lr)
@@ -234,7 +227,7 @@ def armor(layer: Layer, cfg: ArmorConfig) -> None:
             S.retain_grad()
             L = loss(factor_product(A, S, B))
             if L.item() < best_loss:
-                best_loss, best = L.item(), (A.detach().clone(), B.detach().clone(), S.detach().clone())
+                best_loss, best = L.item(), (A.detach().clone(), B.detach().clone(), S.detach().clone(), M.clone())
             if it == cfg.n_iters:
                 break
             opt.zero_grad(set_to_none=True)
@@ -243,12 +236,12 @@ def armor(layer: Layer, cfg: ArmorConfig) -> None:
         G = S.grad / (-2 * loss.scale)
         swaps += discrete_step(A.detach(), B.detach(), V.detach(), M, G, loss, b, L.item())
         opt.step()
-    res = ArmorResult(*(t.to(FACTOR_DTYPE) for t in best))
-    with torch.no_grad():
-        l0, l1 = float(loss(start_res.dequantize())), float(loss(res.dequantize()))
+    res = ArmorResult(*(t.to(FACTOR_DTYPE) for t in best[:3]), best[3])
+    W0, W1 = start_res.dequantize(), res.dequantize()
+    l0, l1 = float(loss(W0)), float(loss(W1))
     if l1 > l0:                                                    # never worse than the start
-        res, l1 = start_res, l0
+        res, W1, l1 = start_res, W0, l0
     layer.packed = res
-    layer.W.copy_(res.dequantize())
+    layer.W.copy_(W1)
     layer.info.update(armor_loss=[l0, l1], armor_core_updates=swaps,
                       armor_extra_params_pct=round(100 * (res.A.numel() + res.B.numel()) / (out * d_in), 3))
