@@ -24,9 +24,9 @@ from compress.errors import CompressError
 from .selfgen import generate_self
 from .sources import (ENV_VAR, canonical_split, load_rows, load_text, read_jsonl,
                       resolve_data_dir)
-from .windows import sample_windows
+from .windows import sample_windows, training_windows
 
-__all__ = ["CalibConfig", "load_calibration", "load_text", "resolve_data_dir", "ENV_VAR"]
+__all__ = ["CalibConfig", "load_calibration", "load_training", "load_text", "resolve_data_dir", "ENV_VAR"]
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +119,28 @@ def load_calibration(cfg: CalibConfig, tokenizer, model=None) -> torch.LongTenso
                              cfg.seed, name)
     assert ids.shape == (cfg.nsamples, cfg.seqlen), ids.shape
     return ids
+
+
+def _same_text(a: CalibConfig, b: CalibConfig) -> bool:
+    keys = ("source", "path", "field", "data_dir")
+    return all(getattr(a, k) == getattr(b, k) for k in keys) and \
+        (a.split or _DEFAULT_SPLIT.get(a.source)) == (b.split or _DEFAULT_SPLIT.get(b.source))
+
+
+def load_training(cfg: CalibConfig, tokenizer, exclude: Optional[CalibConfig] = None,
+                  model=None) -> torch.LongTensor:
+    """Training token ids [<= cfg.nsamples, cfg.seqlen]: documents packed into windows
+    (see `training_windows`), leaving out the text that `exclude` (the run's calibration
+    config) drew its windows from when both read the same source. Source 'self'
+    generates fresh text with a seed offset from the calibration's."""
+    cfg.validate()
+    if cfg.source == "self":
+        if model is None:
+            raise CompressError("perp.data.source: 'self' needs the model to generate text")
+        seed = cfg.seed + (exclude.seed + 1 if exclude is not None and exclude.source == "self" else 0)
+        return generate_self(model, tokenizer, cfg.nsamples, cfg.seqlen, seed)
+    name = f"{cfg.source} {cfg.split or _DEFAULT_SPLIT.get(cfg.source, '')}".strip()
+    skip = None
+    if exclude is not None and _same_text(cfg, exclude):
+        skip = (exclude.nsamples, exclude.seqlen, exclude.seed)
+    return training_windows(_documents(cfg), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, name, skip)
