@@ -92,13 +92,20 @@ def worker(suite, a) -> None:
     why = unavailable(passes)
     if why:
         raise SystemExit(why)
-    model, _ = load_model("smollm2-135m")
+    from calib import CalibConfig
+
+    model, tok = load_model("smollm2-135m")
     ids = torch.load(a.calib)
+    calib_cfg = CalibConfig(source="c4", nsamples=a.nsamples, seqlen=a.seqlen, seed=0)  # what `prepare` drew
     t0 = time.perf_counter()
-    _, report = compress.run(model, passes, calib=ids, batch_size=a.batch_size)
+    _, report = compress.run(model, passes, calib=ids, tokenizer=tok, calib_config=calib_cfg, batch_size=a.batch_size)
     seconds = time.perf_counter() - t0
     targeted = {r["layer"]: model.get_submodule(r["layer"]) for r in report["layers"]}
     weights, stats = measure(targeted, is_24(passes))
+    for name, tr in (report.get("training") or {}).items():  # PERP: its norms (and biases) changed too
+        weights.update({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
+                        if ("norm" in k or k.endswith(".bias")) and k not in weights})
+        stats.update({k: tr[k] for k in ("trainable_pct", "steps", "tokens")}, train_seconds=tr["seconds"])
     save_worker_output(Path(a.out), weights, {"seconds": seconds, **stats})
 
 
@@ -112,14 +119,16 @@ def dense_row(model) -> dict:
 
 def table(suite, rows: dict) -> str:
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
-    lines = ["| row | key | ppl | seconds | peak RSS MiB | bits/weight | zero fraction | 2:4 exact | extra params % |",
-             "|" + "---|" * 9]
+    extra = getattr(suite, "EXTRA", [])  # [(header, result key, format)] after the fixed columns
+    lines = ["| row | key | ppl | seconds | peak RSS MiB | bits/weight | zero fraction | 2:4 exact | extra params % |"
+             + "".join(f" {h} |" for h, _, _ in extra), "|" + "---|" * (9 + len(extra))]
     for key, r in rows.items():
         ppl = "failed" if "error" in r else fmt(r.get("ppl"), ".2f")
         exact = {True: "yes", False: "no", None: "—"}[r.get("exact_24")]
         lines.append(f"| {suite.ROWS[key][0]} | `{key}` | {ppl} | {fmt(r.get('seconds'), '.1f')} | "
                      f"{fmt(r.get('peak_rss_mib'), '.0f')} | {fmt(r.get('bits_per_weight'), '.3f')} | "
-                     f"{fmt(r.get('zeros'), '.4f')} | {exact} | {fmt(r.get('extra_params_pct'), '.2f')} |")
+                     f"{fmt(r.get('zeros'), '.4f')} | {exact} | {fmt(r.get('extra_params_pct'), '.2f')} |"
+                     + "".join(f" {fmt(r.get(k), f)} |" for _, k, f in extra))
     return "\n".join(lines)
 
 
@@ -173,7 +182,8 @@ def main(suite) -> None:
         else:
             out = work / key
             cmd = [sys.executable, suite.__file__, "--worker", "--row", key, "--calib", str(work / "calib.pt"),
-                   "--out", str(out), "--batch-size", str(a.batch_size)]
+                   "--out", str(out), "--batch-size", str(a.batch_size), "--nsamples", str(a.nsamples),
+                   "--seqlen", str(a.seqlen)]
             try:
                 r = run_worker(cmd, out, f"row {key} ({label})")
                 r["ppl"] = perplexity(model, dense_state, r["weights"], windows)

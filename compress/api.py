@@ -33,6 +33,46 @@ def as_configs(passes) -> list[PassConfig]:
     return out
 
 
+def stages(configs: list[PassConfig]) -> list:
+    """The run's order of work: runs of layer / block passes form one sequential sweep
+    (a list); a model-level pass (PERP's retraining) stands alone between sweeps."""
+    out: list = []
+    for cfg in configs:
+        if cfg.model_level:
+            out.append(cfg)
+        elif out and isinstance(out[-1], list):
+            out[-1].append(cfg)
+        else:
+            out.append([cfg])
+    return out
+
+
+def training_ids(cfg, calib_cfg, tokenizer, model, check_only: bool = False):
+    """Token ids [n, seq] a model-level pass trains on: its `data` section, by default the
+    calibration source with as many windows as the steps consume; text the calibration
+    windows came from is left out. check_only: validate without loading anything."""
+    import dataclasses
+
+    from calib import CalibConfig, load_training
+    from compress.config import build_config
+
+    need = cfg.steps * cfg.batch_size * cfg.grad_accum
+    if calib_cfg is not None:  # unset fields follow the calibration section
+        data = build_config(CalibConfig, {**dataclasses.asdict(calib_cfg), "nsamples": need, **(cfg.data or {})},
+                            f"{cfg.name}.data")
+    elif cfg.data is not None:
+        data = build_config(CalibConfig, {"nsamples": need, **cfg.data}, f"{cfg.name}.data")
+    else:
+        raise CompressError(f"{cfg.name}.data: required when the calibration is given as token ids "
+                            "(e.g. {source: c4, nsamples: 512, seqlen: 512})")
+    if tokenizer is None:
+        raise CompressError(f"{cfg.name}: training data needs tokenizer=...")
+    if check_only:
+        data.validate()
+        return None
+    return load_training(data, tokenizer, exclude=calib_cfg, model=model)
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -46,7 +86,7 @@ def versions() -> dict:
 
 def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         device: Optional[str] = None, batch_size: int = 8, true_sequential: bool = False,
-        compute_dtype: Optional[str] = None):
+        compute_dtype: Optional[str] = None, calib_config=None):
     """Compress `model` in place with `passes`; return (model, report).
 
     calib: token ids [nsamples, seqlen] or a `calib.CalibConfig` (then `tokenizer` is
@@ -57,29 +97,41 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
     if not configs:
         raise CompressError("passes: expected at least one pass")
     preflight(model, configs)
+    calib_cfg, ids = calib_config, calib
     if not isinstance(calib, torch.Tensor):
         from calib import load_calibration
 
         if tokenizer is None:
             raise CompressError("calib: a CalibConfig needs tokenizer=...; or pass token ids [nsamples, seqlen]")
-        calib = load_calibration(calib, tokenizer, model)
-    if calib.dim() != 2:
-        raise CompressError(f"calib: expected token ids of shape [nsamples, seqlen], got {tuple(calib.shape)}")
+        calib_cfg, ids = calib, load_calibration(calib, tokenizer, model)
+    if ids.dim() != 2:
+        raise CompressError(f"calib: expected token ids of shape [nsamples, seqlen], got {tuple(ids.shape)}")
+    for cfg in configs:  # fail on missing training data before the sweep, not after it
+        if cfg.model_level:
+            training_ids(cfg, calib_cfg, tokenizer, None, check_only=True)
     t0 = time.perf_counter()
     device, dtype = resolve(device, getattr(torch, compute_dtype) if compute_dtype else None, model)
-    layers = run_sweep(model, configs, calib, device=device, batch_size=batch_size,
-                       true_sequential=true_sequential, compute_dtype=dtype)
+    layers, training = [], {}
+    for stage in stages(configs):
+        if isinstance(stage, list):
+            layers += run_sweep(model, stage, ids, device=device, batch_size=batch_size,
+                                true_sequential=true_sequential, compute_dtype=dtype)
+        else:
+            from compress.trainer import retrain
+
+            training[stage.name] = retrain(model, training_ids(stage, calib_cfg, tokenizer, model), stage, device)
     seconds = time.perf_counter() - t0
     numel = sum(r["shape"][0] * r["shape"][1] for r in layers)
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
     report = {
         "passes": [{c.name: c.to_dict()} for c in configs],
-        "calibration": {"nsamples": calib.shape[0], "seqlen": calib.shape[1]},
+        "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1]},
         "true_sequential": true_sequential,
         "compute_dtype": str(dtype).replace("torch.", ""),
         "summary": {"layers": len(layers), "sparsity": zeros / max(numel, 1),
                     "seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib(), 1)},
         "layers": layers,
+        "training": training or None,
         "versions": versions(),
     }
     log.info("compressed %d layers in %.1f s, sparsity %.4f", len(layers), seconds, report["summary"]["sparsity"])

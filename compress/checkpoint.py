@@ -55,6 +55,10 @@ def save(out_dir: str, model, tokenizer=None, recipe: Optional[dict] = None, rep
             (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         if report is not None:
             write_json(tmp / "report.json", report)
+            for name, entry in (report.get("training") or {}).items():  # loss curves beside it
+                from compress.trainer import plot_loss
+
+                plot_loss(entry["loss_curve"], tmp / f"{name}_loss.png", f"{name}: training loss")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             out.rename(old / "x")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Optional
 
@@ -47,13 +48,17 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None) -> dict:
     windows = eval_windows_for(recipe.eval, tokenizer) if recipe.eval else None
     ids = load_calibration(recipe.calib, tokenizer, model)
 
+    # Under `accelerate launch` every process runs the recipe (PERP trains data-parallel);
+    # only the first evaluates and writes the output.
+    main = int(os.environ.get("RANK", "0")) == 0
+    windows = windows if main else None
     evaluation, reference = {}, None
     if windows is not None and recipe.eval.compare:
         reference = ReferenceLogProbs()
         evaluation["dense"] = evaluate_model(model, windows, recipe.eval, recipe.runner.device,
                                              record=reference, desc="eval dense")
     try:
-        model, report = run(model, configs, ids, device=recipe.runner.device,
+        model, report = run(model, configs, ids, tokenizer, calib_config=recipe.calib, device=recipe.runner.device,
                             batch_size=recipe.runner.batch_size, true_sequential=recipe.runner.true_sequential,
                             compute_dtype=recipe.runner.compute_dtype)
         if windows is not None:
@@ -68,7 +73,7 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None) -> dict:
     report["summary"]["total_seconds"] = round(time.perf_counter() - t_start, 1)
     report["summary"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
     report["versions"] = versions()
-    if out_dir is not None:
+    if out_dir is not None and main:
         save(out_dir, model, tokenizer, recipe=recipe.resolved(), report=report, dtype=recipe.output.dtype)
     for name, ev in evaluation.items():
         log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)))

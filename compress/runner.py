@@ -10,6 +10,7 @@ layer by layer, then run the *compressed* block to produce the next block's inpu
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -216,6 +217,8 @@ def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput]
     block_cfgs = [c for c in sweep if c.name in BLOCK_FNS]
     targets = [] if block_cfgs else None  # the dense block's outputs, for block passes
     if not want_stats:
+        if targets is not None:  # block passes compare with the dense block's outputs
+            targets += [forward_block(block, inp, device).to(act_device) for inp in inputs]
         layers = {n: compress_linear(n, m, masters[n], None, sweep) for n, m in linears.items()}
     elif not true_sequential:
         stats = collect_stats(block, linears, inputs, want_xtx, device, outputs=targets, act_device=act_device)
@@ -251,8 +254,11 @@ def fast_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def resolve(device, compute_dtype, model) -> tuple[torch.device, torch.dtype]:
-    """The device (default: cuda if present) and calibration-forward dtype of a run."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device (default: cuda if present; under `accelerate launch` / torchrun each
+    process's own GPU, cuda:LOCAL_RANK) and calibration-forward dtype of a run."""
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(device or "cpu")
     return device, compute_dtype or fast_dtype(device, next(model.parameters()).dtype)
 
 
@@ -314,7 +320,7 @@ def preflight(model, sweep: list[PassConfig]) -> None:
                 raise CompressError(f"passes: {later[0].name} runs after {cfg.name} on {later[1]}, but {cfg.name} "
                                     f"packs the weights; put {cfg.name} last (restrict it with targets/ignore)")
         hits = [n for n in names if cfg.applies_to(n)]
-        if not hits:
+        if not hits and cfg.uses_layers:
             raise CompressError(f"{cfg.name}.targets: no linear layer of the decoder blocks matches {cfg.targets}")
         for n in hits:
             cfg.check_layer(n, *get_weight(names[n]).shape)

@@ -83,8 +83,25 @@ def test_run_with_eval_reports_ppl_kl_top1(tmp_path, tiny_dir, corpus, data_dir)
     assert ev["compressed"]["ppl"] != ev["dense"]["ppl"]
 
 
+def test_run_perp_recipe_keeps_2of4_and_plots_the_loss(tmp_path, tiny_dir, corpus):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, model=str(tiny_dir),
+                          calib={"source": "text", "path": str(corpus), "nsamples": 4, "seqlen": 32},
+                          passes=[{"wanda": {"pattern": "2:4"}},
+                                  {"perp": {"train": ["norm", "scalelora"], "rank": 2, "steps": 4, "batch_size": 2}}],
+                          output=str(out))
+    assert run_cli("run", recipe) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["perp"]["steps"] == 4 and len(report["training"]["perp"]["loss_curve"]) == 4
+    assert (out / "perp_loss.png").stat().st_size > 1000
+    model, _ = compress.load(out)
+    assert all(is_nm(m.weight, 2, 4) for b in model.model.layers for m in (b.self_attn.q_proj, b.mlp.down_proj))
+
+
 BAD = [
-    ({"passes": [{"prune": {}}]}, "unknown pass 'prune'; valid passes: armor, dsnot, gqsa, magnitude, quant, sparsegpt, wanda"),
+    ({"passes": [{"prune": {}}]}, "unknown pass 'prune'; valid passes: armor, dsnot, gqsa, magnitude, perp, quant, sparsegpt, wanda"),
+    ({"passes": [{"wanda": {}}, {"perp": {"train": ["weights"]}}]}, "perp.train: expected a non-empty list of bias"),
+    ({"passes": [{"wanda": {}}, {"perp": {"data": {"source": "c5"}}}]}, "perp.data.source: expected one of"),
     ({"passes": [{"wanda": {"sparsity": 1.5}}]}, "wanda.sparsity: expected a number in [0, 1)"),
     ({"passes": [{"wanda": {"pattern": "3:2"}}]}, "wanda.pattern: expected 'unstructured' or 'N:M'"),
     ({"passes": [{"wanda": {"bogus": 1}}]}, "wanda: unknown argument 'bogus'"),

@@ -31,6 +31,7 @@ class PassConfig:
     needs_stats = True  # per-input count / sum / sum of squares
     needs_xtx = False   # the full X^T X in fp32 (SparseGPT, GPTQ)
     packs = False       # sets Layer.packed (a runtime module): must come last on its layers
+    model_level = False  # trains the whole model after the sweep before it (PERP retrain)
 
     def validate(self) -> None:
         for key in ("targets", "ignore"):
@@ -46,6 +47,11 @@ class PassConfig:
     def check_layer(self, name: str, out: int, d_in: int) -> None:
         """Raise CompressError if the pass cannot run on a layer of this shape; the
         runner calls it for every targeted layer before any work."""
+
+    @property
+    def uses_layers(self) -> bool:
+        """False for a pass that may touch no linear layer (PERP training norms only)."""
+        return True
 
     def applies_to(self, name: str) -> bool:
         hit = any(re.search(p, name) for p in self.targets)
