@@ -132,13 +132,13 @@ def load_training(cfg: CalibConfig, tokenizer, exclude: Optional[CalibConfig] = 
     """Training token ids [<= cfg.nsamples, cfg.seqlen]: documents packed into windows
     (see `training_windows`), leaving out the text that `exclude` (the run's calibration
     config) drew its windows from when both read the same source. Source 'self'
-    generates fresh text with a seed offset from the calibration's."""
+    generates fresh text (seed + 1 when the calibration was generated with the same seed)."""
     cfg.validate()
     if cfg.source == "self":
         if model is None:
             raise CompressError("perp.data.source: 'self' needs the model to generate text")
-        seed = cfg.seed + (exclude.seed + 1 if exclude is not None and exclude.source == "self" else 0)
-        return generate_self(model, tokenizer, cfg.nsamples, cfg.seqlen, seed)
+        clash = exclude is not None and exclude.source == "self" and exclude.seed == cfg.seed
+        return generate_self(model, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed + 1 if clash else cfg.seed)
     name = f"{cfg.source} {cfg.split or _DEFAULT_SPLIT.get(cfg.source, '')}".strip()
     skip = None
     if exclude is not None and _same_text(cfg, exclude):

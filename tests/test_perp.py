@@ -302,3 +302,12 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_llama, tiny_tokeniz
         assert torch.allclose(a, b, atol=1e-6), n
     flag = "is_activation_checkpointing" if hasattr(type(m2), "is_activation_checkpointing") else "is_gradient_checkpointing"
     assert not getattr(m2, flag)                          # switched off again after training
+
+
+def test_self_generated_training_text_differs_from_the_calibration(tiny_llama, tiny_tokenizer):
+    from calib import CalibConfig, load_calibration, load_training
+    cfg = CalibConfig(source="self", nsamples=2, seqlen=12, seed=3)
+    calib = load_calibration(cfg, tiny_tokenizer, tiny_llama)
+    train = load_training(cfg, tiny_tokenizer, exclude=cfg, model=tiny_llama)
+    assert train.shape == (2, 12) and not torch.equal(train, calib)
+    assert torch.equal(load_training(cfg, tiny_tokenizer, model=tiny_llama), calib)  # nothing to avoid: same draw
