@@ -2,6 +2,7 @@
 
     compress run recipe.yaml [--set passes.0.wanda.sparsity=0.6] [--output DIR]
     compress eval MODEL [--dataset wikitext2] [--reference MODEL]
+    compress export IN_DIR --format hf|compressed-tensors|gguf OUT_DIR [--fold] [--gguf-type Q8_0]
     compress passes
 
 Bad input prints one line, `compress: error: ...`, and exits with code 2.
@@ -37,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None, help="local folder laid out like shared/data "
                    "(default: $COMPRESS_DATA_DIR, else the Hugging Face hub)")
     e.add_argument("--device", default=None)
+
+    x = sub.add_parser("export", help="write a compressed model in a serving format")
+    x.add_argument("input", help="output folder of `compress run` (or any model spec)")
+    x.add_argument("--format", required=True, choices=["hf", "compressed-tensors", "gguf"])
+    x.add_argument("output", help="folder to write")
+    x.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the dense tensors")
+    x.add_argument("--fold", action="store_true",
+                   help="store layers the format cannot express (ARMOR, GQSA...) as dense weights")
+    x.add_argument("--sparse-format", default="dense", choices=["dense", "bitmask"],
+                   help="compressed-tensors: zeros in place, or sparse-24-bitmask (2:4; compressed-tensors <= 0.14)")
+    x.add_argument("--gguf-type", default="Q8_0", choices=["F16", "Q8_0", "Q4_0", "Q4_1"])
 
     sub.add_parser("passes", help="list the passes with their arguments and defaults")
     return p
@@ -80,6 +93,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from compress.checkpoint import check_output_dir
+    from compress.export import ExportConfig, export_folder
+
+    cfg = ExportConfig(format=args.format, dtype=args.dtype, fold=args.fold, sparse_format=args.sparse_format,
+                       gguf_type=args.gguf_type)
+    cfg.validate()
+    check_output_dir(args.output)
+    out = export_folder(args.input, args.output, cfg)
+    print(json.dumps(json.loads((out / "export.json").read_text()), indent=2))
+    return 0
+
+
 def cmd_passes(args) -> int:
     from compress.passes import REGISTRY
 
@@ -99,7 +125,7 @@ def main(argv=None) -> int:
     from compress.errors import CompressError
 
     try:
-        return {"run": cmd_run, "eval": cmd_eval, "passes": cmd_passes}[args.command](args)
+        return {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "passes": cmd_passes}[args.command](args)
     except CompressError as e:
         print(f"compress: error: {e}", file=sys.stderr)
         return 2

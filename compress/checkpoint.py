@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -37,28 +38,15 @@ def check_output_dir(out_dir: str) -> Path:
     return out
 
 
-def save(out_dir: str, model, tokenizer=None, recipe: Optional[dict] = None, report: Optional[dict] = None,
-         dtype: Optional[str] = None) -> Path:
-    """Save atomically to `out_dir` (replacing an existing folder only once the new one
-    is complete)."""
+@contextmanager
+def atomic_dir(out_dir: str):
+    """Yield a temporary sibling folder of `out_dir`; on success it replaces `out_dir`
+    (an existing one only once the new one is complete), on failure it is removed."""
     out = check_output_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        if dtype is not None:
-            model = model.to(getattr(torch, dtype))  # packed codes and scales keep their dtype
-        record_runtime_modules(model)
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if recipe is not None:
-            (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        if report is not None:
-            write_json(tmp / "report.json", report)
-            for name, entry in (report.get("training") or {}).items():  # loss curves beside it
-                from compress.trainer import plot_loss
-
-                plot_loss(entry["loss_curve"], tmp / f"{name}_loss.png", f"{name}: training loss")
+        yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             out.rename(old / "x")
@@ -69,8 +57,34 @@ def save(out_dir: str, model, tokenizer=None, recipe: Optional[dict] = None, rep
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("saved %s", out)
-    return out
+
+
+def save(out_dir: str, model, tokenizer=None, recipe: Optional[dict] = None, report: Optional[dict] = None,
+         dtype: Optional[str] = None) -> Path:
+    """Save atomically to `out_dir` (replacing an existing folder only once the new one
+    is complete)."""
+    with atomic_dir(out_dir) as tmp:
+        if dtype is not None:
+            model = model.to(getattr(torch, dtype))  # packed codes and scales keep their dtype
+        record_runtime_modules(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_extras(tmp, recipe, report)
+    log.info("saved %s", out_dir)
+    return check_output_dir(out_dir)
+
+
+def write_extras(folder: Path, recipe: Optional[dict], report: Optional[dict]) -> None:
+    """recipe.yaml, report.json and the training loss curves beside the weights."""
+    if recipe is not None:
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if report is not None:
+        write_json(folder / "report.json", report)
+        for name, entry in (report.get("training") or {}).items():
+            from compress.trainer import plot_loss
+
+            plot_loss(entry["loss_curve"], folder / f"{name}_loss.png", f"{name}: training loss")
 
 
 def record_runtime_modules(model) -> None:

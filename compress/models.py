@@ -73,8 +73,22 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
         raise CompressError(f"model: cannot load {spec!r}: {first}") from None
     if gguf:
         clear_gguf_marker(model)
+        remember_gguf_tokenizer(model, Path(where) / gguf)
     model.eval()
     return model, tokenizer
+
+
+def remember_gguf_tokenizer(model, path: Path) -> None:
+    """Keep the source GGUF's llama.cpp pre-tokenizer name (e.g. 'smollm') in the config,
+    so a GGUF export can write it back (transformers does not carry it)."""
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
+        if field is not None:
+            model.config.gguf_tokenizer_pre = str(field.contents())
+    except Exception as e:  # metadata only: never fail a load over it
+        log.debug("no tokenizer.ggml.pre in %s: %s", path, e)
 
 
 def clear_gguf_marker(model) -> None:

@@ -73,7 +73,12 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None) -> dict:
     report["summary"]["total_seconds"] = round(time.perf_counter() - t_start, 1)
     report["summary"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
     report["versions"] = versions()
-    if out_dir is not None and main:
+    if out_dir is not None and main and recipe.output.format is not None:
+        from compress.export import export
+
+        export(model, tokenizer, out_dir, recipe.output.export_config(), report=report, recipe=recipe.resolved(),
+               inplace=True)
+    elif out_dir is not None and main:
         save(out_dir, model, tokenizer, recipe=recipe.resolved(), report=report, dtype=recipe.output.dtype)
     for name, ev in evaluation.items():
         log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)))

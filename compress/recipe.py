@@ -70,7 +70,20 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     dir: Optional[str] = None
-    dtype: Optional[str] = None    # cast the saved weights; default: the model's dtype
+    dtype: Optional[str] = None    # cast the saved weights; default: the model's dtype (exports: float16)
+    format: Optional[str] = None   # hf | compressed-tensors | gguf; default: our own save (compress.load)
+    fold: bool = False             # export: store layers the format cannot express as dense weights
+    sparse_format: str = "dense"   # compressed-tensors: dense | bitmask (sparse-24-bitmask, 2:4 only)
+    gguf_type: str = "Q8_0"        # gguf: F16 | Q8_0 | Q4_0 | Q4_1
+
+    def export_config(self):
+        """The ExportConfig of `format` (None when the output is our own save)."""
+        from compress.export import ExportConfig
+
+        if self.format is None:
+            return None
+        return ExportConfig(format=self.format, dtype=self.dtype or "float16", fold=self.fold,
+                            sparse_format=self.sparse_format, gguf_type=self.gguf_type)
 
 
 def _check_int(value, name: str, lo: int = 1, optional: bool = False) -> None:
@@ -175,6 +188,8 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
     output = _build(OutputConfig, {"dir": out} if isinstance(out, str) else out, "output")
     if output.dtype is not None and output.dtype not in DTYPES:
         raise CompressError(f"output.dtype: expected one of {', '.join(DTYPES)}, got {output.dtype!r}")
+    if output.format is not None:
+        output.export_config().validate()
     return Recipe(model=raw["model"], passes=raw["passes"], calib=calib, dtype=raw.get("dtype", "float32"),
                   runner=runner, eval=ev, output=output, raw=raw)
 

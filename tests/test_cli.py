@@ -98,6 +98,29 @@ def test_run_perp_recipe_keeps_2of4_and_plots_the_loss(tmp_path, tiny_dir, corpu
     assert all(is_nm(m.weight, 2, 4) for b in model.model.layers for m in (b.self_attn.q_proj, b.mlp.down_proj))
 
 
+def test_export_command_and_recipe_output_format(tmp_path, tiny_dir, corpus):
+    src, ct = tmp_path / "src", tmp_path / "ct"
+    recipe = write_recipe(tmp_path, model=str(tiny_dir),
+                          calib={"source": "text", "path": str(corpus), "nsamples": 4, "seqlen": 32},
+                          passes=[{"wanda": {"pattern": "2:4"}}, {"quant": {"bits": 4, "group_size": 32}}],
+                          output=str(src))
+    assert run_cli("run", recipe) == 0
+    assert run_cli("export", src, "--format", "compressed-tensors", ct) == 0
+    cfg = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and (ct / "export.json").exists() and (ct / "report.json").exists()
+    assert run_cli("export", src, "--format", "gguf", "--gguf-type", "Q4_0", tmp_path / "g") == 2  # packed: needs --fold
+    assert not (tmp_path / "g").exists()
+    assert run_cli("export", src, "--format", "gguf", "--gguf-type", "Q4_0", "--fold", tmp_path / "g") == 0
+    assert (tmp_path / "g" / "model.gguf").stat().st_size > 0
+    recipe = write_recipe(tmp_path, model=str(tiny_dir),
+                          calib={"source": "text", "path": str(corpus), "nsamples": 4, "seqlen": 32},
+                          passes=[{"wanda": {"pattern": "2:4"}}],
+                          output={"dir": str(tmp_path / "direct"), "format": "gguf", "gguf_type": "F16"})
+    assert run_cli("run", recipe) == 0
+    assert json.loads((tmp_path / "direct" / "export.json").read_text())["gguf_type"] == "F16"
+    assert (tmp_path / "direct" / "report.json").exists()
+
+
 BAD = [
     ({"passes": [{"prune": {}}]}, "unknown pass 'prune'; valid passes: armor, dsnot, gqsa, magnitude, perp, quant, sparsegpt, wanda"),
     ({"passes": [{"wanda": {}}, {"perp": {"train": ["weights"]}}]}, "perp.train: expected a non-empty list of bias"),
@@ -108,6 +131,7 @@ BAD = [
     ({"modle": "x"}, "recipe: unknown key 'modle'"),
     ({"model": "/no/such/model"}, "model: folder '/no/such/model' does not exist"),
     ({"output": 123}, "output: expected a folder path or {dir: ..., dtype: ...}, got 123"),
+    ({"output": {"dir": "x", "format": "onnx"}}, "output.format: expected one of hf, compressed-tensors, gguf"),
     ({"calib": {"source": "web"}}, "calib.source: expected one of"),
     ({"calib": {"nsamples": 0}}, "calib.nsamples: expected a positive integer"),
     ({"eval": {"max_windows": -1}}, "eval.max_windows: expected an integer >= 1"),

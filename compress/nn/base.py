@@ -63,6 +63,17 @@ class PackedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.effective_weight().to(x.dtype), bias)
 
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A plain nn.Linear holding the effective weight (rounded to `dtype`): the dense
+        fold for formats that cannot express this module."""
+        W = self.effective_weight()                     # [out, in] fp32
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=W.device, dtype=dtype)
+        lin.weight.copy_(W.to(dtype))
+        if self.bias is not None:
+            lin.bias.copy_(self.bias.to(dtype))
+        return lin
+
     def storage_bits(self) -> int:
         """Bits of the packed weight state (codes, scales, zero points, indices), bias excluded."""
         return sum(self._buffers[k].numel() * self._buffers[k].element_size() * 8

@@ -1,0 +1,186 @@
+"""compressed-tensors, the checkpoint format vLLM loads (as its library 0.20 writes it).
+
+Quantized layers (QuantLinear, int4 / int8, per group or per channel) become
+`pack-quantized`; for a layer `m` [out, in] with codes u in [0, 2^b) and zero points z:
+
+    m.weight_packed      int32 [out, ceil(in*b/32)]  u bit-packed along the input, low bits
+                                                      first (our QuantLinear's own layout)
+    m.weight_scale       fp16  [out, in/g] or [out, 1]
+    m.weight_shape       int64 [2] = [out, in]
+    m.weight_zero_point  int32 [ceil(out*b/32), in/g] z packed along the output (asymmetric only)
+
+    W = (u - 2^(b-1) - (z - 2^(b-1))) * s = (u - z) * s      (the same numbers as ours)
+
+Sparsity is recorded in `sparsity_config`. With `sparse_format: dense` the zeros stay in
+place (any model; the only sparse form vLLM and transformers still read). With
+`sparse_format: bitmask`, unquantized 2:4 layers are stored as `sparse-24-bitmask`:
+
+    m.compressed  [out, in/2]  the kept values, row by row
+    m.bitmask     uint8 [out, ceil(in/8)]  kept positions, bit k of byte j = column 8j + k
+    m.shape       int64 [2, 1]
+
+which only compressed-tensors <= 0.14 (and vLLM releases of that time) read.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from compress.export import fold_packed
+from compress.models import block_linears, find_blocks, get_weight
+from compress.nn.quant_linear import QuantLinear
+from compress.packing import pack_bits
+
+log = logging.getLogger(__name__)
+
+CT_VERSION = "0.20.0"          # the release whose config.json layout we write
+BITMASK_VERSION = "0.14.0.1"   # the last release with sparse-24-bitmask
+
+
+class _Stored(nn.Module):
+    """Holds a layer's tensors under the names the format uses (saved as buffers)."""
+
+    def __init__(self, tensors: dict, bias=None):
+        super().__init__()
+        for k, v in tensors.items():
+            self.register_buffer(k, v)
+        self.bias = bias
+
+
+def _why_not(m: QuantLinear) -> str:
+    """'' if compressed-tensors can hold this QuantLinear, else the reason."""
+    if m.spec.bits not in (4, 8):
+        return f"has {m.spec.bits}-bit codes (vLLM's pack-quantized runs 4 and 8 bits)"
+    if m.g_idx is not None:
+        return "has a per-column group index (act_order without static_groups), which compressed-tensors 0.20 lacks"
+    if m.spec.group_size is not None and m.in_features % m.spec.group_size:
+        return (f"has {m.in_features} inputs, not a multiple of group_size {m.spec.group_size} "
+                "(compressed-tensors needs whole groups)")
+    return ""
+
+
+def pack_quantized(m: QuantLinear) -> dict:
+    """The pack-quantized tensors of one QuantLinear (see the module docstring)."""
+    t = {"weight_packed": m.qweight.clone(), "weight_scale": m.scales.to(torch.float16).clone(),
+         "weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64)}
+    if m.qzeros is not None:
+        z = m.zeros().to(torch.uint8)                                  # [out, G]
+        t["weight_zero_point"] = pack_bits(z.T.contiguous(), m.spec.bits).T.contiguous()
+    return t
+
+
+def bitmask_24(W: torch.Tensor) -> dict:
+    """sparse-24-bitmask tensors of a 2:4 weight W [out, in]: exactly two kept slots per
+    four (a group with more zeros keeps zero-valued slots, first ones first)."""
+    out, d_in = W.shape
+    g = W.reshape(out, d_in // 4, 4)
+    # rank slots: non-zeros first, then by position, and keep the first two
+    order = ((g == 0).to(torch.int64) * 4 + torch.arange(4)).argsort(dim=-1)[..., :2].sort(dim=-1).values
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True).reshape(out, d_in)
+    bits = torch.zeros(out, (d_in + 7) // 8 * 8, dtype=torch.uint8)
+    bits[:, :d_in] = keep.to(torch.uint8)
+    weights = (1 << torch.arange(8, dtype=torch.int64))               # little bit order
+    bitmask = (bits.reshape(out, -1, 8).to(torch.int64) * weights).sum(-1).to(torch.uint8)
+    return {"compressed": W[keep].reshape(out, d_in // 2).clone(), "bitmask": bitmask,
+            "shape": torch.tensor([[out], [d_in]], dtype=torch.int64)}
+
+
+def _is_24(W: torch.Tensor) -> bool:
+    return W.shape[1] % 4 == 0 and bool(((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+
+
+def _quant_config(quant: dict, plain: list) -> dict:
+    """config_groups: one group per distinct (bits, group size, symmetric); a single group
+    targets the class Linear and ignores the unquantized linears by name."""
+    specs: dict = {}
+    for name, m in quant.items():
+        specs.setdefault((m.spec.bits, m.spec.group_size, m.spec.symmetric), []).append(name)
+    groups = {}
+    for i, ((bits, gs, sym), names) in enumerate(sorted(specs.items(), key=lambda kv: str(kv[0]))):
+        weights = {"dynamic": False, "group_size": gs, "num_bits": bits, "strategy": "group" if gs else "channel",
+                   "symmetric": sym, "type": "int"}
+        groups[f"group_{i}"] = {"format": "pack-quantized", "input_activations": None, "output_activations": None,
+                                "targets": ["Linear"] if len(specs) == 1 else names, "weights": weights}
+    return {"config_groups": groups, "format": "pack-quantized", "global_compression_ratio": None,
+            "ignore": plain, "kv_cache_scheme": None,
+            "moe_sparsity_config": None, "quantization_status": "compressed", "transform_config": {}}
+
+
+def _sparsity_config(weights: dict, fmt: str) -> dict:
+    """sparsity_config over the decoder linears with at least 25 % zeros (0 if none)."""
+    sparse = {n: W for n, W in weights.items() if float((W == 0).float().mean()) >= 0.25}
+    if not sparse:
+        return {}
+    zeros = sum(int((W == 0).sum()) for W in sparse.values())
+    structure = "2:4" if all(_is_24(W) for W in sparse.values()) else "unstructured"
+    return {"format": fmt, "global_sparsity": zeros / sum(W.numel() for W in sparse.values()),
+            "ignore": sorted(set(weights) - set(sparse)) + ["lm_head"], "registry_requires_subclass": False,
+            "sparsity_structure": structure, "targets": ["Linear"]}
+
+
+def write(model, tokenizer, folder: Path, cfg) -> dict:
+    dtype = getattr(torch, cfg.dtype)
+    fold_packed(model, dtype, keep=(QuantLinear,), fold=cfg.fold,
+                why="compressed-tensors has no format for (only group / channel int quantization and sparsity)")
+    prefix, blocks = find_blocks(model)
+    layers = {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in b.named_modules()
+              if n and (isinstance(m, QuantLinear) or n in block_linears(b))}
+    conv = next((n for n, m in layers.items() if not isinstance(m, (nn.Linear, QuantLinear))), None)
+    if conv:
+        raise CompressError(f"export: {conv} is a {type(layers[conv]).__name__}, not nn.Linear; compressed-tensors "
+                            "targets Linear modules (GPT-2's Conv1D is not one): use format hf or gguf")
+    for name, m in list(layers.items()):
+        why = isinstance(m, QuantLinear) and _why_not(m)
+        if why and not cfg.fold:
+            raise CompressError(f"export: {name} {why}; pass fold: true (--fold) to store it densely")
+        if why:
+            layers[name] = m.to_linear(dtype)
+            model.set_submodule(name, layers[name])
+    quant = {n: m for n, m in layers.items() if isinstance(m, QuantLinear)}
+    if cfg.dtype != "float16" and quant:
+        log.warning("export: scales stay fp16 (as stored); dense tensors are %s", cfg.dtype)
+    weights = {n: (m.effective_weight() if n in quant else get_weight(m)).detach().float() for n, m in layers.items()}
+    bitmask = cfg.sparse_format == "bitmask"
+    sparsity = _sparsity_config(weights, "sparse-24-bitmask" if bitmask else "dense")
+    if bitmask:
+        _check_bitmask(sparsity, weights, quant)
+        log.warning("export: sparse-24-bitmask is read only by compressed-tensors <= 0.14 and the vLLM releases of "
+                    "that time; current ones (and transformers) need sparse_format: dense")
+    model.to(dtype)
+    for name, m in layers.items():
+        if name in quant:
+            model.set_submodule(name, _Stored(pack_quantized(m), m.bias))
+        elif bitmask and name not in sparsity["ignore"]:
+            model.set_submodule(name, _Stored(bitmask_24(get_weight(m).detach()), m.bias))
+    if hasattr(model.config, "compress"):
+        del model.config.compress
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    plain = sorted(set(n for n, m in model.named_modules() if isinstance(m, nn.Linear)) | {"lm_head"})
+    qc = {**(_quant_config(quant, plain) if quant else {}), "quant_method": "compressed-tensors",
+          "sparsity_config": sparsity, "version": BITMASK_VERSION if bitmask else CT_VERSION}
+    if not quant:
+        qc.setdefault("transform_config", {})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = dict(sorted(qc.items()))
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return {"quantized_layers": len(quant), "sparsity": sparsity.get("sparsity_structure"),
+            "global_sparsity": sparsity.get("global_sparsity")}
+
+
+def _check_bitmask(sparsity: dict, weights: dict, quant: dict) -> None:
+    if not sparsity:
+        raise CompressError("output.sparse_format: bitmask needs 2:4 layers; this model has no sparse decoder linear")
+    for name in set(weights) - set(sparsity["ignore"]):
+        if name in quant:
+            raise CompressError(f"output.sparse_format: {name} is quantized; sparse-24-bitmask holds unquantized "
+                                "2:4 layers only (use sparse_format: dense)")
+        if not _is_24(weights[name]):
+            raise CompressError(f"output.sparse_format: {name} is not 2:4 sparse; sparse-24-bitmask needs every "
+                                "sparse layer to keep at most 2 of each 4 inputs")
