@@ -118,6 +118,8 @@ class QuantResult:
     scale  [out, G] fp32 (fp16 values);  zero [out, G] fp32 integers (2^(b-1) if symmetric)
     g_idx  [in] int32 group of each input column, or None for contiguous groups
            (GPTQ with act_order and dynamic groups numbers groups in activation order)
+    sparse24  the weight is exact 2:4 (a 2:4 pass ran before): store only the kept
+           half of the codes (SparseQuantLinear)
     """
 
     spec: QuantSpec
@@ -125,14 +127,17 @@ class QuantResult:
     scale: torch.Tensor
     zero: torch.Tensor
     g_idx: Optional[torch.Tensor] = None
+    sparse24: bool = False
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scale, self.zero, self.spec, self.g_idx)
 
     def to_module(self, bias=None):
         from compress.nn.quant_linear import QuantLinear
+        from compress.nn.sparse_quant_linear import SparseQuantLinear
 
-        return QuantLinear.from_result(self, bias)
+        cls = SparseQuantLinear if self.sparse24 and self.g_idx is None else QuantLinear
+        return cls.from_result(self, bias)
 
 
 def column_groups(d_in: int, spec: QuantSpec, device=None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from compress.errors import CompressError
 from compress.nn.quant_linear import QuantLinear
 from compress.packing import pack_bits, packed_words, unpack_bits
 from compress.passes.base import Layer, make_config, pass_fn
-from compress.quantize import QuantSpec, dequantize, fit, fit_params, quantize, rtn
+from compress.quantize import QuantResult, QuantSpec, dequantize, fit, fit_params, quantize, rtn
 from compress.runner import preflight
 from compress.stats import InputStats
 from helpers import apply, check_cast_keeps_packed_state, check_reload_packed, correlated_inputs, is_nm, stats_of
@@ -430,8 +430,8 @@ def test_end_to_end_sparsegpt_then_quant_save_load(tiny_llama, tiny_tokenizer, t
     config = json.loads((out / "config.json").read_text())
     entry = config["compress"]
     assert entry["format"] == "compress-native" and entry["version"] == 1
-    assert entry["modules"]["model.layers.1.mlp.down_proj"] == {
-        "type": "QuantLinear", "in_features": 128, "out_features": 64, "bits": 4, "group_size": 32,
+    assert entry["modules"]["model.layers.1.mlp.down_proj"] == {   # 2:4 codes: only the kept half is stored
+        "type": "SparseQuantLinear", "in_features": 128, "out_features": 64, "bits": 4, "group_size": 32,
         "symmetric": False, "bias": False, "g_idx": False}
     assert set(entry["modules"]) == set(qls)
 
@@ -584,3 +584,33 @@ def test_load_model_and_cli_eval_see_packed_layers(tiny_llama, tmp_path):
     assert isinstance(loaded.model.layers[1].mlp.up_proj, QuantLinear)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, tiny_llama(x).logits)
+
+
+def test_sparse_quant_linear_stores_the_kept_half_by_hand():
+    from compress.nn.sparse_quant_linear import PAIRS, SparseQuantLinear, pattern_of
+    # row groups: keep slots (1, 3), then only slot 2 (completed with slot 0), then none (slots 0, 1)
+    keep = torch.tensor([[False, True, False, True, False, False, True, False, False, False, False, False]])
+    assert pattern_of(keep).tolist() == [[4, 1, 0]] and PAIRS[4].tolist() == [1, 3]
+    # 4-bit symmetric (zero code 8), one group: codes 8 where pruned
+    codes = torch.tensor([[8, 3, 8, 12, 8, 8, 15, 8, 8, 8, 8, 8]], dtype=torch.uint8)
+    res = QuantResult(QuantSpec(4, None, True), codes, torch.tensor([[0.5]]), torch.tensor([[8.0]]), sparse24=True)
+    m = res.to_module()
+    assert isinstance(m, SparseQuantLinear) and torch.equal(m.codes(), codes)
+    assert torch.equal(m.effective_weight(), torch.tensor([[0, -2.5, 0, 2, 0, 0, 3.5, 0, 0, 0, 0, 0]]))
+    assert m.storage_bits() == 32 + 32 + 16        # 6 codes x 4 bits and 3 patterns x 3 bits (one word each), a scale
+
+
+def test_sparse_quant_linear_matches_the_dense_quant_linear():
+    from compress.nn.sparse_quant_linear import SparseQuantLinear
+    torch.manual_seed(0)
+    W = torch.randn(64, 576)
+    W = W * (torch.rand(64, 144, 4).argsort(-1) < 2).reshape(64, 576)      # random exact 2:4
+    for sym in (True, False):
+        res = rtn(W, W != 0, QuantSpec(4, 64, sym))
+        dense, res.sparse24 = res.to_module(), True
+        sparse = res.to_module()
+        assert isinstance(sparse, SparseQuantLinear) and torch.equal(sparse.effective_weight(), dense.effective_weight())
+        # per row: 288 kept codes x 4 bits = 36 words, 144 patterns x 3 bits = 432 bits -> 14 words,
+        # 9 fp16 scales [+ 9 zero points x 4 bits -> 2 words]: about 3.03 bits per weight
+        assert sparse.storage_bits() == 64 * (36 * 32 + 14 * 32 + 9 * 16 + (0 if sym else 2 * 32))
+        assert dense.storage_bits() == 64 * (72 * 32 + 9 * 16 + (0 if sym else 2 * 32))   # all 576 codes

@@ -66,7 +66,7 @@ def _why_not(m: QuantLinear) -> str:
 
 def pack_quantized(m: QuantLinear) -> dict:
     """The pack-quantized tensors of one QuantLinear (see the module docstring)."""
-    t = {"weight_packed": m.qweight.clone(), "weight_scale": m.scales.to(torch.float16).clone(),
+    t = {"weight_packed": pack_bits(m.codes(), m.spec.bits), "weight_scale": m.scales.to(torch.float16).clone(),
          "weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64)}
     if m.qzeros is not None:
         z = m.zeros().to(torch.uint8)                                  # [out, G]

@@ -158,4 +158,5 @@ def quant(layer: Layer, cfg: QuantConfig) -> None:
         res = gptq(layer.W, H, keep, cfg.spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                    act_order=cfg.act_order, static_groups=cfg.static_groups, name=layer.name, info=layer.info)
     layer.W.copy_(res.dequantize())
+    res.sparse24 = layer.nm == (2, 4)          # zeros stayed zeros: store the kept half only
     layer.packed = res
