@@ -167,9 +167,10 @@ def write(model, tokenizer, folder: Path, cfg) -> dict:
           "sparsity_config": sparsity, "version": BITMASK_VERSION if bitmask else CT_VERSION}
     if not quant:
         qc.setdefault("transform_config", {})
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = dict(sorted(qc.items()))
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if quant or sparsity:   # a dense, unquantized model needs no quantization_config
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = dict(sorted(qc.items()))
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return {"quantized_layers": len(quant), "sparsity": sparsity.get("sparsity_structure"),
             "global_sparsity": sparsity.get("global_sparsity")}
 
