@@ -198,3 +198,41 @@ def test_export_config_errors():
                         ({"sparse_format": "csr"}, "output.sparse_format"), ({"dtype": "int8"}, "output.dtype")]:
         with pytest.raises(CompressError, match=match):
             ExportConfig(**args).validate()
+
+
+CT14_SCRIPT = '''
+import sys, torch
+from safetensors.torch import load_file
+from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import sparse24_bitmask_decompress
+sd = load_file(sys.argv[1])
+want = torch.load(sys.argv[2])
+for name, W in want.items():
+    m = name[:-len(".weight")]
+    dense = sparse24_bitmask_decompress(sd[m + ".compressed"], sd[m + ".bitmask"], sd[m + ".shape"].flatten().tolist())
+    assert torch.equal(dense.float(), W), name
+print("ok", len(want))
+'''
+
+
+@pytest.mark.slow
+def test_bitmask_read_back_by_compressed_tensors_0_14(tiny_llama, tiny_tokenizer, tmp_path):
+    """compressed-tensors 0.14.0.1 (the last release with sparse-24-bitmask), installed
+    on its own into a folder, decompresses our bitmask export to the exact weights."""
+    import subprocess
+    import sys
+    env_dir = tmp_path / "ct14"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(env_dir),
+                          "compressed-tensors==0.14.0.1"], capture_output=True, text=True)
+    if pip.returncode:
+        pytest.skip(f"cannot install compressed-tensors 0.14.0.1: {pip.stderr.strip().splitlines()[-1:]}")
+    compress.run(tiny_llama, [compress.Wanda(pattern="2:4")], calib=_ids())
+    want = _effective(tiny_llama)
+    torch.save(want, tmp_path / "want.pt")
+    out = export(tiny_llama, tiny_tokenizer, str(tmp_path / "ct"),
+                 ExportConfig(format="compressed-tensors", sparse_format="bitmask", dtype="float32"))
+    (tmp_path / "check.py").write_text(CT14_SCRIPT)
+    import os
+    env = {**os.environ, "PYTHONPATH": str(env_dir)}
+    run = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(out / "model.safetensors"),
+                          str(tmp_path / "want.pt")], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and run.stdout.startswith("ok 14"), run.stderr[-2000:]

@@ -10,8 +10,9 @@ kept half of the codes.
     W_hat[o, j] = (u[o, j] - z[o, g(j)]) * s[o, g(j)] where j is kept, else 0
 
 At 4 bits with groups of 64: 2 (codes) + 0.75 (pattern) + 0.25 (scale) = 3 bits per
-weight, 0.19 of fp16 (a dense-stored int4 layer takes 4.25). It is a QuantLinear: its
-`codes()` are the full [out, in] codes, with the code of 0 at the pruned positions.
+weight, 0.19 of fp16; a dense-stored int4 layer takes 4.25 (asymmetric zero points add
+about 0.1 to both, word padding a little). It is a QuantLinear: its `codes()` are the
+full [out, in] codes, with the code of 0 at the pruned positions.
 """
 from __future__ import annotations
 
