@@ -311,3 +311,20 @@ def test_self_generated_training_text_differs_from_the_calibration(tiny_llama, t
     train = load_training(cfg, tiny_tokenizer, exclude=cfg, model=tiny_llama)
     assert train.shape == (2, 12) and not torch.equal(train, calib)
     assert torch.equal(load_training(cfg, tiny_tokenizer, model=tiny_llama), calib)  # nothing to avoid: same draw
+
+
+def test_a_sweep_after_perp_calibrates_on_the_retrained_model(tiny_llama, tiny_tokenizer, tmp_path):
+    from compress.api import stages
+    from compress.nn import SparseQuantLinear
+    passes = [compress.Wanda(pattern="2:4"), compress.Perp(train=["norm", "masklora"], rank=2, steps=2, batch_size=2),
+              compress.Quant(bits=4, group_size=32)]
+    assert [type(s).__name__ for s in stages(passes)] == ["list", "PerpConfig", "list"]
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT)
+    from calib import CalibConfig
+    _, report = compress.run(tiny_llama, passes, tokenizer=tiny_tokenizer,
+                             calib=CalibConfig(source="text", path=str(path), nsamples=4, seqlen=32))
+    assert [r["passes"] for r in report["layers"][:1] + report["layers"][-1:]] == [["wanda"], ["quant"]]
+    assert len(report["layers"]) == 2 * 14 and report["training"]["perp"]["steps"] == 2
+    q = tiny_llama.model.layers[1].mlp.down_proj
+    assert isinstance(q, SparseQuantLinear) and is_nm(q.effective_weight(), 2, 4)   # 2:4 survived PERP and GPTQ

@@ -158,5 +158,8 @@ def quant(layer: Layer, cfg: QuantConfig) -> None:
         res = gptq(layer.W, H, keep, cfg.spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                    act_order=cfg.act_order, static_groups=cfg.static_groups, name=layer.name, info=layer.info)
     layer.W.copy_(res.dequantize())
-    res.sparse24 = layer.nm == (2, 4)          # zeros stayed zeros: store the kept half only
+    # An exact 2:4 weight (from a 2:4 pass of this sweep or an earlier one) stays 2:4:
+    # store only the kept half of its codes (SparseQuantLinear).
+    out, d_in = keep.shape
+    res.sparse24 = d_in % 4 == 0 and bool((keep.reshape(out, -1, 4).sum(-1) <= 2).all())
     layer.packed = res
