@@ -63,6 +63,7 @@ def measure(modules: dict, check_24: bool):
     import torch
 
     from compress.nn.base import PackedLinear
+    from compress.passes.base import follows_nm
 
     weights, bits, numel, zeros, exact, extra = {}, 0, 0, 0, True, 0
     with torch.no_grad():
@@ -75,7 +76,7 @@ def measure(modules: dict, check_24: bool):
             extra += m.extra_parameters() if hasattr(m, "extra_parameters") else 0   # ARMOR's A and B
             zeros += int((W == 0).sum())
             if check_24:
-                exact &= W.shape[1] % 4 == 0 and bool(((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+                exact &= follows_nm(W, 2, 4)
     stats = {"layers": len(modules), "bits_per_weight": bits / numel, "zeros": zeros / numel,
              "exact_24": exact if check_24 else None, "extra_params_pct": 100 * extra / numel}
     return weights, stats

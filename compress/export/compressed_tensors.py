@@ -34,6 +34,8 @@ from compress.errors import CompressError
 from compress.export import fold_packed
 from compress.models import block_linears, find_blocks, get_weight
 from compress.nn.quant_linear import QuantLinear
+from compress.nn.sparse_quant_linear import pattern_of, positions_of
+from compress.passes.base import follows_nm
 from compress.packing import pack_bits
 
 log = logging.getLogger(__name__)
@@ -78,20 +80,13 @@ def bitmask_24(W: torch.Tensor) -> dict:
     """sparse-24-bitmask tensors of a 2:4 weight W [out, in]: exactly two kept slots per
     four (a group with more zeros keeps zero-valued slots, first ones first)."""
     out, d_in = W.shape
-    g = W.reshape(out, d_in // 4, 4)
-    # rank slots: non-zeros first, then by position, and keep the first two
-    order = ((g == 0).to(torch.int64) * 4 + torch.arange(4)).argsort(dim=-1)[..., :2].sort(dim=-1).values
-    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True).reshape(out, d_in)
+    keep = torch.zeros_like(W, dtype=torch.bool).scatter_(1, positions_of(pattern_of(W != 0)), True)
     bits = torch.zeros(out, (d_in + 7) // 8 * 8, dtype=torch.uint8)
     bits[:, :d_in] = keep.to(torch.uint8)
     weights = (1 << torch.arange(8, dtype=torch.int64))               # little bit order
     bitmask = (bits.reshape(out, -1, 8).to(torch.int64) * weights).sum(-1).to(torch.uint8)
     return {"compressed": W[keep].reshape(out, d_in // 2).clone(), "bitmask": bitmask,
             "shape": torch.tensor([[out], [d_in]], dtype=torch.int64)}
-
-
-def _is_24(W: torch.Tensor) -> bool:
-    return W.shape[1] % 4 == 0 and bool(((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
 
 
 def _quant_config(quant: dict, plain: list) -> dict:
@@ -117,7 +112,7 @@ def _sparsity_config(weights: dict, fmt: str) -> dict:
     if not sparse:
         return {}
     zeros = sum(int((W == 0).sum()) for W in sparse.values())
-    structure = "2:4" if all(_is_24(W) for W in sparse.values()) else "unstructured"
+    structure = "2:4" if all(follows_nm(W, 2, 4) for W in sparse.values()) else "unstructured"
     return {"format": fmt, "global_sparsity": zeros / sum(W.numel() for W in sparse.values()),
             "ignore": sorted(set(weights) - set(sparse)) + ["lm_head"], "registry_requires_subclass": False,
             "sparsity_structure": structure, "targets": ["Linear"]}
@@ -182,6 +177,6 @@ def _check_bitmask(sparsity: dict, weights: dict, quant: dict) -> None:
         if name in quant:
             raise CompressError(f"output.sparse_format: {name} is quantized; sparse-24-bitmask holds unquantized "
                                 "2:4 layers only (use sparse_format: dense)")
-        if not _is_24(weights[name]):
+        if not follows_nm(weights[name], 2, 4):
             raise CompressError(f"output.sparse_format: {name} is not 2:4 sparse; sparse-24-bitmask needs every "
                                 "sparse layer to keep at most 2 of each 4 inputs")

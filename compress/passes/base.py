@@ -239,6 +239,13 @@ def check_nm_fits(layer_name: str, d_in: int, nm: tuple[int, int]) -> None:
         raise CompressError(f"pattern {nm[0]}:{nm[1]}: layer {layer_name} has input size {d_in}, not a multiple of {nm[1]}")
 
 
+def follows_nm(mask: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every group of m consecutive inputs of mask [out, in] (True = kept, or a
+    weight: non-zero = kept) keeps at most n."""
+    out, d_in = mask.shape
+    return d_in % m == 0 and bool(((mask != 0).reshape(out, d_in // m, m).sum(-1) <= n).all())
+
+
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the n highest scores in every group of m consecutive inputs.
     score [out, in] -> bool mask [out, in]."""

@@ -30,7 +30,7 @@ import torch
 
 from compress.errors import CompressError
 from compress.linalg import handle_dead_inputs, inverse_cholesky
-from compress.passes.base import Layer, PassConfig, register
+from compress.passes.base import Layer, PassConfig, follows_nm, register
 from compress.quantize import QuantResult, QuantSpec, column_groups, dequantize, fit, grouped, quantize, rtn
 
 
@@ -160,6 +160,5 @@ def quant(layer: Layer, cfg: QuantConfig) -> None:
     layer.W.copy_(res.dequantize())
     # An exact 2:4 weight (from a 2:4 pass of this sweep or an earlier one) stays 2:4:
     # store only the kept half of its codes (SparseQuantLinear).
-    out, d_in = keep.shape
-    res.sparse24 = d_in % 4 == 0 and bool((keep.reshape(out, -1, 4).sum(-1) <= 2).all())
+    res.sparse24 = follows_nm(keep, 2, 4)
     layer.packed = res
