@@ -141,9 +141,14 @@ def _restore_runtime_modules(model, folder: Path, modules: dict) -> None:
         model.set_submodule(name, m.to(next(old.parameters()).device))
 
 
-def load(path: str, dtype: Optional[torch.dtype] = None):
+def load(path: str, dtype: Optional[torch.dtype] = None, device=None):
     """(model, tokenizer) from an output folder written by `save`; runtime modules
-    (QuantLinear, ...) are rebuilt packed, as they were saved."""
+    (QuantLinear, ...) are rebuilt packed, as they were saved.
+
+    With `device`, the model is made deployable there (compress.kernels.deploy): moved
+    (in fp16 on CUDA unless `dtype` says otherwise), exact 2:4 linears compressed for
+    the sparse tensor cores, and each packed layer given the fastest kernel the device
+    runs (the plain-torch reference on CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -161,5 +166,8 @@ def load(path: str, dtype: Optional[torch.dtype] = None):
     finally:
         hf_logging.set_verbosity(verbosity)
     _restore_runtime_modules(model, p, modules)
+    if device is not None:
+        from compress.kernels import deploy
+        deploy(model, device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer

@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter (numpy on the CPU). It must
+# be chosen before any kernel is defined, i.e. before compress.kernels' Triton modules load.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY_VOCAB = 320  # 256 byte tokens + 3 specials + merges
 
 _TRAINING_LINES = [

@@ -30,6 +30,7 @@ class PackedLinear(nn.Module):
     rebuilds an empty module: `cls.empty(meta)`), and the buffers listed in `PACKED`."""
 
     PACKED: tuple = ()
+    kernel = "reference"  # what forward runs; compress.kernels.deploy picks a fast one per device
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -59,7 +60,10 @@ class PackedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Reference path: dequantize, then a dense matmul (compress/kernels has fast ones).
+        if self.kernel != "reference":
+            from compress.kernels import run
+            return run(self, x)
+        # Reference path: dequantize, then a dense matmul.
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.effective_weight().to(x.dtype), bias)
 

@@ -1,0 +1,109 @@
+"""The meaning of every kernel, in plain torch: slow, obvious, and what the tests hold
+the fast kernels to. Each op takes the packed storage of a runtime module (compress/nn)
+exactly as it is saved, and computes y = x W_hat^T in fp32, returned in x's dtype.
+
+    x  [..., in] activations (fp16 / bf16 / fp32)
+    y  [..., out]
+
+Formats (see the runtime modules' docstrings for the bit layouts):
+
+    sparse24_matmul         W [out, in] dense storage of an exact 2:4 weight
+    quant_matmul            QuantLinear:  qweight [out, in*b/32] int32, scales [out, G] fp16,
+                            qzeros [out, G*b/32] int32 or None (symmetric: z = 2^(b-1))
+    sparse24_quant_matmul   SparseQuantLinear: qweight [out, in/2*b/32] (kept codes),
+                            pattern [out, in/4*3/32] (index into PAIRS), scales, qzeros
+    armor_matmul            ArmorLinear: A [out/b, b, b], core S [out, in] (2:4), B [in/b, b, b]
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from compress.packing import unpack_bits
+
+PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))   # kept slots of a 2:4 group, by pattern index
+PATTERN_BITS = 3
+
+
+def _linear(x: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    y = x.float() @ W.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _zero_points(qzeros: Optional[torch.Tensor], bits: int, out: int, n_groups: int) -> torch.Tensor:
+    """[out, G] fp32 zero points; symmetric grids store none and use 2^(b-1)."""
+    if qzeros is None:
+        return torch.full((out, n_groups), float(1 << (bits - 1)))
+    return unpack_bits(qzeros.cpu(), bits, n_groups).float()
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, qzeros: Optional[torch.Tensor],
+                      bits: int, group_size: Optional[int]) -> torch.Tensor:
+    """codes [out, in] -> W_hat [out, in] fp32: W[o, j] = (u[o, j] - z[o, j // g]) * s[o, j // g]."""
+    out, d_in = codes.shape
+    g = d_in if group_size is None else group_size
+    s = scales.float().cpu()
+    z = _zero_points(qzeros, bits, out, s.shape[1])
+    W = torch.empty(out, d_in)
+    for j in range(d_in):                       # one column at a time: the definition, not a kernel
+        W[:, j] = (codes[:, j].float() - z[:, j // g]) * s[:, j // g]
+    return W
+
+
+def sparse24_matmul(x: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W^T for an exact 2:4 W (at most 2 non-zeros in every 4 consecutive inputs)."""
+    out, d_in = W.shape
+    if d_in % 4 or int((W.reshape(out, d_in // 4, 4) != 0).sum(-1).max()) > 2:
+        raise ValueError("sparse24_matmul: W is not 2:4 sparse")
+    return _linear(x, W, bias)
+
+
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: Optional[torch.Tensor],
+                 bits: int, group_size: Optional[int], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W_hat^T with W_hat dequantized from QuantLinear storage (contiguous groups)."""
+    d_in = x.shape[-1]
+    codes = unpack_bits(qweight.cpu(), bits, d_in)                                # [out, in]
+    W = dequantize_groups(codes, scales, qzeros, bits, group_size)
+    return _linear(x, W.to(x.device), bias)
+
+
+def sparse24_codes(qweight: torch.Tensor, pattern: torch.Tensor, bits: int, d_in: int) -> tuple:
+    """SparseQuantLinear storage -> (codes [out, in] with the kept codes in place, kept [out, in] bool)."""
+    out = qweight.shape[0]
+    kept_codes = unpack_bits(qweight.cpu(), bits, d_in // 2)                     # [out, in/2]
+    idx = unpack_bits(pattern.cpu(), PATTERN_BITS, d_in // 4)                    # [out, in/4]
+    codes = torch.zeros(out, d_in, dtype=torch.uint8)
+    kept = torch.zeros(out, d_in, dtype=torch.bool)
+    for q in range(d_in // 4):                  # group of 4 inputs q keeps slots PAIRS[idx]
+        for t in range(2):
+            col = 4 * q + torch.tensor([PAIRS[int(i)][t] for i in idx[:, q]])
+            codes[torch.arange(out), col] = kept_codes[:, 2 * q + t]
+            kept[torch.arange(out), col] = True
+    return codes, kept
+
+
+def sparse24_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, pattern: torch.Tensor, scales: torch.Tensor,
+                          qzeros: Optional[torch.Tensor], bits: int, group_size: Optional[int],
+                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W_hat^T for SparseQuantLinear storage: kept weights dequantized, the rest 0."""
+    codes, kept = sparse24_codes(qweight, pattern, bits, x.shape[-1])
+    W = dequantize_groups(codes, scales, qzeros, bits, group_size) * kept
+    return _linear(x, W.to(x.device), bias)
+
+
+def armor_matmul(x: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W_hat^T with W_hat = blockdiag(A) S blockdiag(B), formed densely."""
+    def blockdiag(blocks):
+        return torch.block_diag(*blocks.float().cpu())
+    W = blockdiag(A) @ S.float().cpu() @ blockdiag(B)
+    return _linear(x, W.to(x.device), bias)
+
+
+def linear(x: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The dense baseline every kernel is timed against: y = x W^T (cuBLAS on CUDA)."""
+    return F.linear(x, W, bias)

@@ -1,0 +1,248 @@
+"""Kernels (compress/kernels) against their plain-torch meaning (reference.py).
+
+On CPU the Triton kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1)
+at small sizes; the sparse tensor-core path needs CUDA and skips without it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compress
+from compress.kernels import REFERENCE, choose, deploy
+from compress.kernels import reference as R
+from compress.nn import ArmorLinear, GQSALinear, QuantLinear, SparseQuantLinear
+from compress.nn.armor_linear import ArmorResult
+from compress.packing import pack_bits
+from compress.passes.base import nm_mask
+from compress.quantize import QuantSpec, rtn
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (sparse tensor cores)")
+DEV = "cuda" if CUDA else "cpu"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all()
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def tol(dtype) -> float:
+    return 1e-3 if dtype == torch.float32 else 1e-2
+
+
+def quant_module(N, K, bits, group, sym, sparse=False, seed=0) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g)
+    keep = nm_mask(W.abs(), 2, 4) if sparse else None
+    res = rtn(W if keep is None else W * keep, keep, QuantSpec(bits, group, sym))
+    res.sparse24 = sparse
+    return res.to_module()
+
+
+def armor_module(N, K, b, seed=0) -> ArmorLinear:
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(N, K, generator=g)
+    keep = nm_mask(S.abs(), 2, 4)
+    A = torch.eye(b) + 0.1 * torch.randn(N // b, b, b, generator=g)
+    B = torch.eye(b) + 0.1 * torch.randn(K // b, b, b, generator=g)
+    return ArmorResult(A.half(), B.half(), (S * keep).half().float(), keep).to_module()
+
+
+# ----------------------------------------------------------------------------- reference
+
+def test_reference_quant_matmul_by_hand():
+    # One output row, 8 inputs in 2 groups of 4, 4-bit asymmetric.
+    codes = torch.tensor([[0, 1, 2, 3, 8, 9, 10, 15]], dtype=torch.uint8)
+    scales = torch.tensor([[0.5, 2.0]], dtype=torch.float16)
+    qzeros = pack_bits(torch.tensor([[1, 8]]), 4)                     # z = 1, then 8
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]])
+    # W = [(0-1)/2, 0, 1/2, 1, 0, 2, 4, 14]; y = -0.5 + 0 + 0.5 + 1 + 0 + 14 = 15
+    y = R.quant_matmul(x, pack_bits(codes, 4), scales, qzeros, bits=4, group_size=4)
+    assert y.item() == 15.0
+
+
+def test_reference_sparse24_quant_matmul_by_hand():
+    # 8 inputs: group 0 keeps slots (1, 3) -> index 4; group 1 keeps (0, 2) -> index 1.
+    kept = torch.tensor([[9, 10, 11, 6]], dtype=torch.uint8)          # symmetric: z = 8
+    pattern = pack_bits(torch.tensor([[4, 1]]), 3)
+    scales = torch.tensor([[1.0]], dtype=torch.float16)
+    x = torch.arange(1.0, 9.0)[None]                                  # [1, 2, ..., 8]
+    # W = [0, 1, 0, 2, 3, 0, -2, 0]; y = 2 + 8 + 15 - 14 = 11
+    y = R.sparse24_quant_matmul(x, pack_bits(kept, 4), pattern, scales, None, bits=4, group_size=None)
+    assert y.item() == 11.0
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("sym", [False, True])
+def test_reference_equals_the_modules(sparse, sym):
+    m = quant_module(24, 96, 4, 32, sym, sparse)
+    assert isinstance(m, SparseQuantLinear) == sparse
+    x = torch.randn(5, 96)
+    op = (lambda: R.sparse24_quant_matmul(x, m.qweight, m.pattern, m.scales, m.qzeros, 4, 32)) if sparse else \
+        (lambda: R.quant_matmul(x, m.qweight, m.scales, m.qzeros, 4, 32))
+    assert rel(op(), m(x)) < 1e-6
+
+
+def test_reference_armor_equals_the_module():
+    m = armor_module(32, 64, 8)
+    x = torch.randn(3, 64)
+    assert rel(R.armor_matmul(x, m.A, m.core(), m.B), m(x)) < 1e-5
+
+
+def test_reference_sparse24_rejects_a_dense_weight():
+    W = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="not 2:4"):
+        R.sparse24_matmul(torch.randn(2, 16), W)
+    W24 = W * nm_mask(W.abs(), 2, 4)
+    assert torch.equal(R.sparse24_matmul(torch.eye(16), W24), W24.T)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+def _need_triton():
+    pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[dev]')")
+
+
+CASES = [(4, 64, False), (4, 64, True), (4, None, False), (8, 32, False), (4, 48, True), (2, 16, False)]
+
+
+@pytest.mark.parametrize("bits,group,sym", CASES)
+@pytest.mark.parametrize("M", [1, 5, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_quant_matmul_matches_reference(bits, group, sym, M, dtype):
+    _need_triton()
+    from compress.kernels.quant_matmul import quant_matmul
+    m = quant_module(40, 192, bits, group, sym).to(DEV)
+    x = torch.randn(M, 192).to(DEV, dtype)
+    bias = torch.randn(40).to(DEV, dtype)
+    want = R.quant_matmul(x.cpu(), m.qweight, m.scales, m.qzeros, bits, group, bias.cpu())
+    got = quant_matmul(x, m.qweight, m.scales, m.qzeros, bits, group, bias)
+    assert got.dtype == dtype and got.shape == (M, 40)
+    assert rel(got.cpu(), want) < tol(dtype)
+
+
+@pytest.mark.parametrize("bits,group,sym", CASES)
+@pytest.mark.parametrize("M", [1, 5, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_sparse24_quant_matmul_matches_reference(bits, group, sym, M, dtype):
+    _need_triton()
+    from compress.kernels.sparse_quant_matmul import sparse24_quant_matmul
+    m = quant_module(40, 192, bits, group, sym, sparse=True).to(DEV)   # 48 patterns: some straddle words
+    x = torch.randn(2, M, 192).to(DEV, dtype)
+    want = R.sparse24_quant_matmul(x.cpu(), m.qweight, m.pattern, m.scales, m.qzeros, bits, group)
+    got = sparse24_quant_matmul(x, m.qweight, m.pattern, m.scales, m.qzeros, bits, group)
+    assert got.shape == (2, M, 40)
+    assert rel(got.cpu(), want) < tol(dtype)
+
+
+def test_launch_shapes():
+    _need_triton()
+    from compress.kernels.quant_matmul import launch_shape, step_for
+    cpu = torch.device("cpu")
+    assert launch_shape(1, 4096, 4096, 128, cpu) == {"BM": 16, "BN": 32, "BK": 128, "SPLIT_K": 1}   # 128 programs
+    assert launch_shape(1, 64, 4096, 128, cpu)["SPLIT_K"] == 2          # too few column tiles: split K
+    assert launch_shape(2048, 4096, 4096, 128, cpu) == {"BM": 128, "BN": 128, "BK": 64, "SPLIT_K": 1}
+    assert step_for(48, 128) == 16 and step_for(128, 64) == 64
+    with pytest.raises(ValueError, match="multiple of 16"):
+        step_for(40, 64)
+
+
+# ----------------------------------------------------------------------------- ArmorLinear fast path
+
+def test_armor_fast_path_matches_reference():
+    from compress.kernels.armor import armor_matmul, prepare
+    m = armor_module(64, 128, 16)
+    kernel = prepare(m, torch.float32)
+    assert kernel == "armor-bmm" and not m._core_cache.is_sparse       # a CPU core stays dense
+    x = torch.randn(2, 7, 128)
+    want = R.armor_matmul(x, m.A, m.core(), m.B)
+    assert rel(armor_matmul(x, m.A, m._core_cache, m.B), want) < 1e-5
+    m.kernel = kernel
+    assert rel(m(x), want) < 1e-5                                      # forward dispatches to it
+
+
+# ----------------------------------------------------------------------------- choice and deploy
+
+def test_choose_by_device(monkeypatch):
+    import compress.kernels as K
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    q, s = quant_module(16, 64, 4, 32, False), quant_module(16, 64, 4, 32, False, sparse=True)
+    g_idx = QuantLinear(64, 16, 4, 32, False, g_idx=True)
+    gqsa = GQSALinear(64, 16, 4, 16, False, 2)
+    a = armor_module(16, 64, 8)
+    assert {choose(m, cpu) for m in (q, s, g_idx, gqsa, a)} == {REFERENCE}
+    monkeypatch.setattr(K, "triton_available", lambda device: device.type == "cuda")
+    assert [choose(m, cuda) for m in (q, s, g_idx, gqsa, a)] == \
+        ["triton-wNa16", "triton-2:4+wNa16", REFERENCE, REFERENCE, "armor-bmm"]
+    assert choose(QuantLinear(64, 16, 3, 32, False), cuda) == REFERENCE       # 3-bit codes straddle words
+    assert choose(QuantLinear(72, 16, 4, 24, False), cuda) == REFERENCE       # no K-step divides 24
+
+
+def _saved_24w4(tiny_llama, tmp_path):
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    model, report = compress.run(tiny_llama, [{"sparsegpt": {"pattern": "2:4"}},
+                                              {"quant": {"bits": 4, "group_size": 32}}], calib=ids)
+    return compress.save(str(tmp_path / "out"), model, report=report), ids[:2, :16]
+
+
+def test_load_on_cpu_runs_the_reference_and_generates(tiny_llama, tmp_path):
+    out, ids = _saved_24w4(tiny_llama, tmp_path)
+    plain, _ = compress.load(str(out))
+    model, _ = compress.load(str(out), device="cpu")
+    kernels = {n: m.kernel for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(kernels) == 14 and set(kernels.values()) == {REFERENCE}
+    want = plain.generate(ids, max_new_tokens=6, do_sample=False)
+    got = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert got.shape == (2, 22) and torch.equal(got, want)
+
+
+def test_triton_kernels_in_a_whole_model(tiny_llama, tmp_path):
+    """Every SparseQuantLinear switched to the Triton kernel gives the reference logits."""
+    _need_triton()
+    out, ids = _saved_24w4(tiny_llama, tmp_path)
+    model, _ = compress.load(str(out))
+    model.to(DEV)
+    with torch.no_grad():
+        want = model(ids.to(DEV)).logits
+        for m in model.modules():
+            if isinstance(m, SparseQuantLinear):
+                m.kernel = "triton-2:4+wNa16"
+        got = model(ids.to(DEV)).logits
+    assert rel(got.cpu(), want.cpu()) < 1e-3
+
+
+def test_deploy_keeps_24_linears_dense_on_cpu(tiny_llama):
+    with torch.no_grad():
+        for name, m in tiny_llama.named_modules():
+            if isinstance(m, torch.nn.Linear) and ".layers." in name:
+                m.weight.mul_(nm_mask(m.weight.abs(), 2, 4))
+    assert deploy(tiny_llama, "cpu") == {}                  # no sparse tensor cores: plain nn.Linear stays
+    from compress.nn.sparse_linear import SparseLinear
+    assert not any(isinstance(m, SparseLinear) for m in tiny_llama.modules())
+
+
+# ----------------------------------------------------------------------------- CUDA only
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse24_tensor_cores_match_reference(dtype):
+    from compress.nn.sparse_linear import SparseLinear
+    W = torch.randn(256, 512)
+    W = (W * nm_mask(W.abs(), 2, 4)).to("cuda", dtype)
+    lin = torch.nn.Linear(512, 256, bias=True, device="cuda", dtype=dtype)
+    lin.weight.data.copy_(W)
+    sl = SparseLinear(lin)
+    for M in (1, 16, 128):
+        x = torch.randn(M, 512, device="cuda", dtype=dtype)
+        assert rel(sl(x).cpu(), R.sparse24_matmul(x.float().cpu(), W.float().cpu(), lin.bias.float().cpu())) < 1e-2
+
+
+@needs_cuda
+def test_deploy_on_cuda_swaps_in_fast_modules(tiny_llama, tmp_path):
+    out, ids = _saved_24w4(tiny_llama, tmp_path)
+    plain, _ = compress.load(str(out))
+    model, _ = compress.load(str(out), device="cuda")
+    assert {m.kernel for m in model.modules() if isinstance(m, SparseQuantLinear)} == {"triton-2:4+wNa16"}
+    with torch.no_grad():
+        assert rel(model(ids.cuda()).logits.float().cpu(), plain(ids).logits) < 2e-2
