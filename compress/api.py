@@ -84,15 +84,38 @@ def versions() -> dict:
             "transformers": transformers.__version__}
 
 
+def restore(model, plan: list, state) -> tuple[list, dict]:
+    """Bring `model` to where an interrupted run stood after its finished stages: the
+    newest model-level snapshot, then the finished sweeps after it. Returns their
+    (report rows, training summaries)."""
+    from compress.models import find_blocks
+
+    done = [s for s in range(len(plan)) if state.is_done(s)]
+    snap = max((s for s in done if not isinstance(plan[s], list)), default=-1)
+    layers, training = [], {}
+    if snap >= 0:
+        training[plan[snap].name] = state.restore_model(snap, model)
+    prefix, blocks = find_blocks(model)
+    for s in done:   # sweeps before the snapshot: only their report rows
+        if isinstance(plan[s], list):
+            layers += state.restore_blocks(s, model, blocks, prefix, len(blocks) - 1) if s > snap \
+                else state.block_rows(s, len(blocks))
+    if done:
+        log.info("resumed after stage %d of %d", done[-1] + 1, len(plan))
+    return layers, training
+
+
 def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         device: Optional[str] = None, batch_size: int = 8, true_sequential: bool = False,
-        compute_dtype: Optional[str] = None, calib_config=None):
+        compute_dtype: Optional[str] = None, calib_config=None, state=None):
     """Compress `model` in place with `passes`; return (model, report).
 
     calib: token ids [nsamples, seqlen] or a `calib.CalibConfig` (then `tokenizer` is
     needed; source 'self' samples from `model`). compute_dtype: dtype name of the
     calibration forwards; None picks bf16 for an fp32 model on a CPU with native bf16,
-    else the model's dtype (statistics and pass math are fp32 either way)."""
+    else the model's dtype (statistics and pass math are fp32 either way). state: a
+    compress.resume.RunState that saves progress after every block and stage, and
+    restores what an earlier, interrupted run with the same fingerprint finished."""
     configs = as_configs(passes)
     if not configs:
         raise CompressError("passes: expected at least one pass")
@@ -111,15 +134,20 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
             training_ids(cfg, calib_cfg, tokenizer, None, check_only=True)
     t0 = time.perf_counter()
     device, dtype = resolve(device, getattr(torch, compute_dtype) if compute_dtype else None, model)
-    layers, training = [], {}
-    for stage in stages(configs):
+    plan = stages(configs)
+    layers, training = restore(model, plan, state) if state is not None else ([], {})
+    for s, stage in enumerate(plan):
+        if state is not None and state.is_done(s):
+            continue
         if isinstance(stage, list):
             layers += run_sweep(model, stage, ids, device=device, batch_size=batch_size,
-                                true_sequential=true_sequential, compute_dtype=dtype)
+                                true_sequential=true_sequential, compute_dtype=dtype, state=state, stage=s)
         else:
             from compress.trainer import retrain
 
             training[stage.name] = retrain(model, training_ids(stage, calib_cfg, tokenizer, model), stage, device)
+        if state is not None:
+            state.stage_done(s, model, not isinstance(stage, list), training.get(getattr(stage, "name", None)))
     seconds = time.perf_counter() - t0
     numel = sum(r["shape"][0] * r["shape"][1] for r in layers)
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
@@ -128,6 +156,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1]},
         "true_sequential": true_sequential,
         "compute_dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
         "summary": {"layers": len(layers), "sparsity": zeros / max(numel, 1),
                     "seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib(), 1)},
         "layers": layers,

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from compress.api import as_configs, peak_rss_mib, run, versions
+from compress.errors import CompressError
 from compress.models import load_model
 from compress.recipe import EvalConfig, Recipe
 from compress.runner import preflight
@@ -31,8 +32,29 @@ def evaluate_model(model, windows, cfg: EvalConfig, device=None, record=None, re
                     device=device, desc=desc)
 
 
-def run_recipe(recipe: Recipe, output: Optional[str] = None) -> dict:
-    """Run a validated recipe; return its report (also written beside the output)."""
+def run_state(recipe: Recipe, ids: torch.Tensor, out_dir: Optional[str], run_dir: Optional[str],
+              resume: Optional[str]):
+    """The RunState that saves progress block by block: in `resume` (continuing the run
+    there), else in `run_dir`, else beside the output as OUTPUT.run; None without an
+    output, or when several processes share the run."""
+    from compress.resume import RunState, fingerprint
+
+    path = resume or run_dir or (f"{str(out_dir).rstrip('/')}.run" if out_dir else None)
+    if path is None:
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if resume:
+            raise CompressError("--resume: runs of several processes (accelerate launch, torchrun) cannot resume")
+        return None
+    return RunState(path, fingerprint(recipe.sha256, ids), resume=resume is not None)
+
+
+def run_recipe(recipe: Recipe, output: Optional[str] = None, run_dir: Optional[str] = None,
+               resume: Optional[str] = None) -> dict:
+    """Run a validated recipe; return its report (also written beside the output).
+
+    Progress is saved after every block (see run_state); `resume` names the run folder
+    of an interrupted run of the same recipe to continue."""
     from calib import load_calibration
     from compress.checkpoint import check_output_dir, save
     from compress.eval import ReferenceLogProbs
@@ -47,6 +69,7 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None) -> dict:
     # Evaluation data first: a missing data set should fail before minutes of work.
     windows = eval_windows_for(recipe.eval, tokenizer) if recipe.eval else None
     ids = load_calibration(recipe.calib, tokenizer, model)
+    state = run_state(recipe, ids, out_dir, run_dir, resume)
 
     # Under `accelerate launch` every process runs the recipe (PERP trains data-parallel);
     # only the first evaluates and writes the output.
@@ -60,7 +83,7 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None) -> dict:
     try:
         model, report = run(model, configs, ids, tokenizer, calib_config=recipe.calib, device=recipe.runner.device,
                             batch_size=recipe.runner.batch_size, true_sequential=recipe.runner.true_sequential,
-                            compute_dtype=recipe.runner.compute_dtype)
+                            compute_dtype=recipe.runner.compute_dtype, state=state)
         if windows is not None:
             evaluation["compressed"] = evaluate_model(model, windows, recipe.eval, recipe.runner.device,
                                                       reference=reference, desc="eval compressed")
@@ -80,6 +103,8 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None) -> dict:
                inplace=True)
     elif out_dir is not None and main:
         save(out_dir, model, tokenizer, recipe=recipe.resolved(), report=report, dtype=recipe.output.dtype)
+    if state is not None and out_dir is not None:
+        state.close()
     for name, ev in evaluation.items():
         log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)))
     return report

@@ -269,12 +269,15 @@ def targeted_linears(block, prefix: str, sweep: list[PassConfig]) -> dict:
 
 @torch.no_grad()
 def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=None, batch_size: int = 8,
-              true_sequential: bool = False, act_device=None, compute_dtype=None) -> list[dict]:
+              true_sequential: bool = False, act_device=None, compute_dtype=None, state=None,
+              stage: int = 0) -> list[dict]:
     """Apply one sweep of passes to every decoder block, in order: layer passes, then
     block passes; layers a packing pass produced become runtime modules.
 
     ids [nsamples, seqlen] calibration token ids; compute_dtype: dtype of the
-    calibration forwards (None: `fast_dtype`). Returns per-layer report rows."""
+    calibration forwards (None: `fast_dtype`). With `state` (compress.resume.RunState),
+    each finished block is saved as sweep number `stage`, and a sweep that was cut off
+    continues after its last saved block. Returns per-layer report rows."""
     device, dtype = resolve(device, compute_dtype, model)
     act_device = torch.device(act_device or device)
     prefix, blocks = find_blocks(model)
@@ -283,7 +286,14 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
     rows: list[dict] = []
     need_inputs = any(c.needs_stats or c.name in BLOCK_FNS for c in sweep)
     inputs = capture_inputs(model, blocks, ids, batch_size, device, act_device, dtype) if need_inputs else []
-    for i in tqdm(range(len(blocks)), desc="blocks", unit="block"):
+    start = 0 if state is None else state.last_block(stage) + 1
+    if start:
+        log.info("resuming sweep %d after block %d", stage, start - 1)
+        rows += state.restore_blocks(stage, model, blocks, prefix, start - 1)
+        if inputs and start < len(blocks):
+            for inp, h in zip(inputs, state.restore_hidden(stage)):
+                inp.hidden = h.to(act_device)
+    for i in tqdm(range(start, len(blocks)), desc="blocks", unit="block", initial=start, total=len(blocks)):
         block = blocks[i].to(device)
         linears = targeted_linears(block, f"{prefix}.{i}", sweep)
         masters = {n: get_weight(m).detach().float().clone() for n, m in linears.items()}  # [out, in]
@@ -300,6 +310,9 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
         blocks[i].to(home)
         for n, p in packed.items():  # packing passes: swap in the runtime module (QuantLinear...)
             model.set_submodule(n, p.to_module(getattr(linears[n], "bias", None)).to(home))
+        if state is not None:
+            state.block_done(stage, i, blocks[i], prefix, [inp.hidden for inp in inputs] if i + 1 < len(blocks)
+                             else [], block_rows)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     _move_all_but(model, blocks, home)

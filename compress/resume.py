@@ -1,0 +1,176 @@
+"""A run's progress on disk, so that a run killed at any point resumes after its last
+finished block and ends with the same bytes as a run that was never interrupted.
+
+    RUN_DIR/run.json                 fingerprint (recipe + calibration ids) and progress
+    RUN_DIR/s{S}/block{i}.safetensors  block i after sweep S: its state (packed buffers
+                                     too), the global RNG state
+    RUN_DIR/s{S}/block{i}.json       its runtime modules' metas and its report rows
+    RUN_DIR/s{S}/hidden.safetensors  the calibration hidden states after the last
+                                     finished block (what the next block reads)
+    RUN_DIR/s{S}/model.safetensors   the whole model after a model-level stage (PERP)
+
+Every file is written to a temporary name and renamed, and run.json, renamed last,
+says what is complete: a kill between two renames leaves the previous state whole.
+Restoring replays the newest model snapshot, then the block files of the sweeps after
+it, in order. The calibration inputs' other arguments (masks, rotary tables) are
+recomputed; only the hidden states are stored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress.errors import CompressError
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(recipe_sha: str, ids: torch.Tensor) -> str:
+    """What a run's results depend on: the resolved recipe and the calibration ids."""
+    return hashlib.sha256(f"{recipe_sha}:{hashlib.sha256(ids.numpy().tobytes()).hexdigest()}".encode()).hexdigest()
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _meta_of(module: torch.nn.Module, prefix: str = "") -> dict:
+    """{qualified name: meta} of the runtime modules (QuantLinear...) inside `module`."""
+    from compress.nn import PackedLinear
+    return {".".join(filter(None, (prefix, n))): m.meta() for n, m in module.named_modules()
+            if isinstance(m, PackedLinear)}
+
+
+def _swap_in(model, metas: dict) -> None:
+    """Put empty runtime modules where the saved state has them (they are filled next)."""
+    from compress.nn import RUNTIME
+    for name, meta in metas.items():
+        old = model.get_submodule(name)
+        if type(old).__name__ != meta["type"]:
+            dev = next(iter(old.state_dict().values())).device
+            model.set_submodule(name, RUNTIME[meta["type"]].empty(meta).to(dev))
+
+
+class RunState:
+    """Progress of one run in `path`. Fresh (resume=False): the folder is emptied and
+    claimed. Resuming: its fingerprint must match this run's."""
+
+    def __init__(self, path: str, fp: str, resume: bool):
+        self.path = Path(path)
+        self.fp = fp
+        if resume:
+            info = self.path / "run.json"
+            if not info.is_file():
+                raise CompressError(f"--resume: {path!r} holds no run (no run.json)")
+            self.progress = json.loads(info.read_text())
+            if self.progress.get("fingerprint") != fp:
+                raise CompressError(f"--resume: {path!r} was written by a different recipe or calibration set")
+        else:
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
+            self.progress = {"fingerprint": fp, "stages_done": [], "blocks_done": {}}
+            self._commit()
+
+    def _commit(self) -> None:
+        _atomic(self.path / "run.json", lambda p: p.write_text(json.dumps(self.progress, indent=1)))
+
+    def _dir(self, stage: int) -> Path:
+        d = self.path / f"s{stage}"
+        d.mkdir(exist_ok=True)
+        return d
+
+    # ------------------------------------------------------------------ writing
+
+    def block_done(self, stage: int, i: int, block, prefix: str, hidden: list, rows: list) -> None:
+        """Block i of sweep `stage` is final (runtime modules swapped in); `hidden` are
+        the next block's inputs."""
+        d = self._dir(stage)
+        state = {k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}
+        state["__rng__"] = torch.get_rng_state()
+        _atomic(d / f"block{i}.safetensors", lambda p: save_file(state, str(p)))
+        _atomic(d / f"block{i}.json", lambda p: p.write_text(json.dumps(
+            {"modules": _meta_of(block, f"{prefix}.{i}"), "rows": rows}, default=str)))
+        if hidden:
+            _atomic(d / "hidden.safetensors",
+                    lambda p: save_file({str(k): h.contiguous().cpu() for k, h in enumerate(hidden)}, str(p)))
+        self.progress["blocks_done"][str(stage)] = i
+        self._commit()
+
+    def stage_done(self, stage: int, model, model_level: bool, summary: Optional[dict] = None) -> None:
+        """A whole stage is complete; a model-level one (PERP) snapshots the model, with
+        its report `summary`."""
+        if model_level:
+            from safetensors.torch import save_model
+            d = self._dir(stage)
+            _atomic(d / "model.safetensors", lambda p: save_model(model, str(p)))
+            _atomic(d / "model.json", lambda p: p.write_text(json.dumps(
+                {"modules": _meta_of(model), "tied": _tied(model), "summary": summary},
+                default=str)))
+        self.progress["stages_done"].append(stage)
+        self._commit()
+
+    # ------------------------------------------------------------------ reading
+
+    def is_done(self, stage: int) -> bool:
+        return stage in self.progress["stages_done"]
+
+    def last_block(self, stage: int) -> int:
+        return self.progress["blocks_done"].get(str(stage), -1)
+
+    def restore_blocks(self, stage: int, model, blocks, prefix: str, upto: int) -> list:
+        """Load blocks 0..upto of sweep `stage` into `model`; return their report rows."""
+        rows = []
+        d = self.path / f"s{stage}"
+        for i in range(upto + 1):
+            info = json.loads((d / f"block{i}.json").read_text())
+            _swap_in(model, info["modules"])
+            state = load_file(str(d / f"block{i}.safetensors"))
+            rng = state.pop("__rng__")
+            home = next(iter(blocks[i].state_dict().values())).device
+            blocks[i].load_state_dict({k: v.to(home) for k, v in state.items()}, strict=True)
+            rows += info["rows"]
+        if upto >= 0:
+            torch.set_rng_state(rng)
+        return rows
+
+    def block_rows(self, stage: int, n_blocks: int) -> list:
+        """The report rows of a finished sweep, without loading its weights."""
+        d = self.path / f"s{stage}"
+        return [r for i in range(n_blocks) for r in json.loads((d / f"block{i}.json").read_text())["rows"]]
+
+    def restore_hidden(self, stage: int) -> list[torch.Tensor]:
+        h = load_file(str(self.path / f"s{stage}" / "hidden.safetensors"))
+        return [h[str(k)] for k in range(len(h))]
+
+    def restore_model(self, stage: int, model) -> Optional[dict]:
+        """Load the snapshot of model-level stage `stage`; return its report summary."""
+        from safetensors.torch import load_model
+        d = self.path / f"s{stage}"
+        info = json.loads((d / "model.json").read_text())
+        _swap_in(model, info["modules"])
+        if _tied(model) and not info["tied"]:   # PERP merged a LoRA into the tied head
+            head = model.get_output_embeddings()
+            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+        load_model(model, str(d / "model.safetensors"), strict=True)
+        return info["summary"]
+
+    def close(self) -> None:
+        """The output is written: the run folder is no longer needed."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _tied(model) -> bool:
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is emb.weight

@@ -1,0 +1,113 @@
+"""Resume after a crash, and determinism: a run cut off after any block and resumed
+writes the same bytes as a run that was never interrupted."""
+import hashlib
+import json
+
+import pytest
+import torch
+import yaml
+
+from cli import main
+from compress.resume import RunState
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: raised right after the k-th block was saved."""
+
+
+@pytest.fixture
+def tiny4_dir(tmp_path, tiny_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    d = tmp_path / "tiny4"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(" ".join(f"Line {i}: the weights of a pruned model are retrained a little." for i in range(600)))
+    return p
+
+
+def recipe(tmp_path, model, corpus, passes) -> str:
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump({"model": str(model), "passes": passes,
+                                 "calib": {"source": "text", "path": str(corpus), "nsamples": 8, "seqlen": 32}}))
+    return str(p)
+
+
+def digest(out) -> str:
+    return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+
+
+def layers(out) -> list:
+    rows = json.loads((out / "report.json").read_text())["layers"]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def kill_after(monkeypatch, n: int) -> None:
+    """Let n blocks be saved (over all sweeps), then 'die'."""
+    real, count = RunState.block_done, [0]
+
+    def block_done(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        count[0] += 1
+        if count[0] == n:
+            raise Killed
+    monkeypatch.setattr(RunState, "block_done", block_done)
+
+
+SGPT_W4 = [{"sparsegpt": {"pattern": "2:4"}}, {"quant": {"bits": 4, "group_size": 32}}]
+WITH_PERP = [{"wanda": {"pattern": "2:4"}},
+             {"perp": {"train": ["norm", "masklora"], "rank": 2, "steps": 3, "batch_size": 2, "lr": 1e-3,
+                       "data": {"nsamples": 12, "seqlen": 32}}},
+             {"quant": {"method": "rtn", "bits": 4, "group_size": 32}}]
+
+
+def test_same_recipe_same_bytes(tmp_path, tiny4_dir, corpus):
+    r = recipe(tmp_path, tiny4_dir, corpus, SGPT_W4)
+    assert main(["-q", "run", r, "--output", str(tmp_path / "a")]) == 0
+    assert main(["-q", "run", r, "--output", str(tmp_path / "b")]) == 0
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["device"] == "cpu" and report["calibration"]["seed"] == 0 and len(report["recipe_sha256"]) == 64
+    assert set(report["versions"]) >= {"torch", "transformers", "python"}
+    assert not (tmp_path / "a.run").exists()                           # removed once the output is written
+
+
+@pytest.mark.parametrize("passes,kill_at", [(SGPT_W4, 1), (SGPT_W4, 3), (SGPT_W4, 4),
+                                            (WITH_PERP, 2), (WITH_PERP, 4), (WITH_PERP, 6)])
+def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, tiny4_dir, corpus, monkeypatch, passes, kill_at):
+    r = recipe(tmp_path, tiny4_dir, corpus, passes)
+    assert main(["-q", "run", r, "--output", str(tmp_path / "whole")]) == 0
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        kill_after(m, kill_at)
+        with pytest.raises(Killed):
+            main(["-q", "run", r, "--output", str(out)])
+    assert not out.exists() and (tmp_path / "cut.run" / "run.json").is_file()
+    progress = json.loads((tmp_path / "cut.run" / "run.json").read_text())
+    assert sum(progress["blocks_done"].get(str(s), -1) + 1 for s in (0, 2)) == kill_at   # 4 blocks per sweep
+    assert main(["-q", "run", r, "--output", str(out), "--resume", str(tmp_path / "cut.run")]) == 0
+    assert digest(out) == digest(tmp_path / "whole")
+    assert layers(out) == layers(tmp_path / "whole")
+
+
+def test_resume_refuses_another_recipe_or_no_run(tmp_path, tiny4_dir, corpus, monkeypatch, capsys):
+    r = recipe(tmp_path, tiny4_dir, corpus, SGPT_W4)
+    with monkeypatch.context() as m:
+        kill_after(m, 2)
+        with pytest.raises(Killed):
+            main(["-q", "run", r, "--output", str(tmp_path / "out")])
+    other = recipe(tmp_path, tiny4_dir, corpus, [{"wanda": {"sparsity": 0.5}}])
+    assert main(["-q", "run", other, "--output", str(tmp_path / "out"), "--resume", str(tmp_path / "out.run")]) == 2
+    assert "written by a different recipe" in capsys.readouterr().err
+    assert main(["-q", "run", r, "--output", str(tmp_path / "out"), "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "holds no run" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
