@@ -1,6 +1,6 @@
 """The `compress` command line.
 
-    compress run recipe.yaml [--set passes.0.wanda.sparsity=0.6] [--output DIR]
+    compress run recipe.yaml [--set passes.0.wanda.sparsity=0.6] [--output DIR] [--resume RUN_DIR]
     compress eval MODEL [--dataset wikitext2] [--reference MODEL]
     compress export IN_DIR --format hf|compressed-tensors|gguf OUT_DIR [--fold] [--gguf-type Q8_0]
     compress passes
@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. passes.0.wanda.sparsity=0.6 (repeatable)")
     r.add_argument("--output", help="output folder (overrides the recipe's output)")
+    r.add_argument("--run-dir", help="where progress is saved after every block (default: OUTPUT.run)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run saved in RUN_DIR")
 
     e = sub.add_parser("eval", help="perplexity of a model (and KL / top-1 against a reference)")
     e.add_argument("model", help="output folder, hub id, .gguf file or smollm2-135m")
@@ -60,7 +62,7 @@ def cmd_run(args) -> int:
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    report = run_recipe(recipe, output=args.output)
+    report = run_recipe(recipe, output=args.output, run_dir=args.run_dir, resume=args.resume)
     print(json.dumps({"summary": report["summary"], "eval": report["eval"]}, indent=2))
     return 0
 
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     try:
         return {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "passes": cmd_passes}[args.command](args)
     except CompressError as e:
-        print(f"compress: error: {e}", file=sys.stderr)
+        print(f"compress: error: {' '.join(str(e).split())}", file=sys.stderr)   # always one line
         return 2
     except FloatingPointError as e:
         print(f"compress: numerical fault: {e}", file=sys.stderr)

@@ -162,7 +162,7 @@ def load(path: str, dtype: Optional[torch.dtype] = None, device=None):
     if modules:
         hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, **({"dtype": dtype} if dtype else {}))
+        model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, **({"dtype": dtype} if dtype else {}))
     finally:
         hf_logging.set_verbosity(verbosity)
     _restore_runtime_modules(model, p, modules)

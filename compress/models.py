@@ -65,8 +65,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     if not gguf and runtime_modules_of(Path(where)):
         return load(where, dtype)  # packed layers (QuantLinear, ...) need our loader
     kw = {"gguf_file": gguf} if gguf else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+    try:   # weights from safetensors only: a pickled checkpoint (.bin) can run code when loaded
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw, **({} if gguf else {"use_safetensors": True}))
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

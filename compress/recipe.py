@@ -172,7 +172,8 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
     _check_bool(runner.true_sequential, "runner.true_sequential")
     if runner.compute_dtype is not None and runner.compute_dtype not in DTYPES:
         raise CompressError(f"runner.compute_dtype: expected one of {', '.join(DTYPES)}, got {runner.compute_dtype!r}")
-    if runner.device is not None and not str(runner.device).split(":")[0] in ("cpu", "cuda", "mps"):
+    if runner.device is not None and not (isinstance(runner.device, str) and
+                                          re.fullmatch(r"cpu|mps|cuda(:\d+)?", runner.device)):
         raise CompressError(f"runner.device: expected cpu, cuda or cuda:N, got {runner.device!r}")
     ev = None if raw.get("eval") is None else _build(EvalConfig, raw["eval"], "eval")
     if ev is not None:
@@ -182,10 +183,18 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
         _check_int(ev.max_windows, "eval.max_windows", optional=True)
         _check_int(ev.batch_size, "eval.batch_size")
         _check_bool(ev.compare, "eval.compare")
+        for key in ("split", "data_dir"):
+            value = getattr(ev, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise CompressError(f"eval.{key}: expected a non-empty string, got {value!r}")
     out = raw.get("output")
     if out is not None and not isinstance(out, (str, dict)):
         raise CompressError(f"output: expected a folder path or {{dir: ..., dtype: ...}}, got {out!r}")
     output = _build(OutputConfig, {"dir": out} if isinstance(out, str) else out, "output")
+    for key in ("dir", "dtype", "format", "sparse_format", "gguf_type"):
+        value = getattr(output, key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise CompressError(f"output.{key}: expected a non-empty string, got {value!r}")
     if output.dtype is not None and output.dtype not in DTYPES:
         raise CompressError(f"output.dtype: expected one of {', '.join(DTYPES)}, got {output.dtype!r}")
     if output.format is not None:
@@ -203,5 +212,6 @@ def load_recipe(path: str, overrides: Optional[list[str]] = None) -> Recipe:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise CompressError(f"recipe: {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        why = " ".join(str(getattr(e, "problem", None) or e).split())   # one line
+        raise CompressError(f"recipe: {path} is not valid YAML{where}: {why}") from None
     return parse_recipe(raw, overrides)
