@@ -76,7 +76,11 @@ class RunState:
             if self.progress.get("fingerprint") != fp:
                 raise CompressError(f"--resume: {path!r} was written by a different recipe or calibration set")
         else:
-            if self.path.exists():
+            if self.path.exists() and any(self.path.iterdir()):
+                if not (self.path / "run.json").is_file():
+                    raise CompressError(f"--run-dir: {path!r} exists and is not a run folder; "
+                                        "name a new or empty folder")
+                log.warning("discarding the interrupted run in %s (pass --resume %s to continue it)", path, path)
                 shutil.rmtree(self.path)
             self.path.mkdir(parents=True)
             self.progress = {"fingerprint": fp, "stages_done": [], "blocks_done": {}}

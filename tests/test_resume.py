@@ -111,3 +111,13 @@ def test_resume_refuses_another_recipe_or_no_run(tmp_path, tiny4_dir, corpus, mo
     assert main(["-q", "run", r, "--output", str(tmp_path / "out"), "--resume", str(tmp_path / "nowhere")]) == 2
     assert "holds no run" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_run_dir_must_be_new_empty_or_a_run(tmp_path, tiny4_dir, corpus, capsys):
+    r = recipe(tmp_path, tiny4_dir, corpus, SGPT_W4)
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    assert main(["-q", "run", r, "--output", str(tmp_path / "out"), "--run-dir", str(keep)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert (keep / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
