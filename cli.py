@@ -3,6 +3,7 @@
     compress run recipe.yaml [--set passes.0.wanda.sparsity=0.6] [--output DIR] [--resume RUN_DIR]
     compress eval MODEL [--dataset wikitext2] [--reference MODEL]
     compress export IN_DIR --format hf|compressed-tensors|gguf OUT_DIR [--fold] [--gguf-type Q8_0]
+    compress plan recipe.yaml [--json]
     compress passes
 
 Bad input prints one line, `compress: error: ...`, and exits with code 2.
@@ -52,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--sparse-format", default="dense", choices=["dense", "bitmask"],
                    help="compressed-tensors: zeros in place, or sparse-24-bitmask (2:4; compressed-tensors <= 0.14)")
     x.add_argument("--gguf-type", default="Q8_0", choices=["F16", "Q8_0", "Q4_0", "Q4_1"])
+
+    pl = sub.add_parser("plan", help="estimate a recipe's peak memory and run time before running it")
+    pl.add_argument("recipe", help="recipe YAML file")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for run")
+    pl.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     sub.add_parser("passes", help="list the passes with their arguments and defaults")
     return p
@@ -108,6 +114,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from compress.plan import plan, table
+    from compress.recipe import load_recipe
+
+    p = plan(load_recipe(args.recipe, args.set))
+    print(json.dumps(p, indent=2) if args.json else table(p))
+    return 0
+
+
 def cmd_passes(args) -> int:
     from compress.passes import REGISTRY
 
@@ -127,7 +142,8 @@ def main(argv=None) -> int:
     from compress.errors import CompressError
 
     try:
-        return {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "passes": cmd_passes}[args.command](args)
+        return {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "plan": cmd_plan,
+                "passes": cmd_passes}[args.command](args)
     except CompressError as e:
         print(f"compress: error: {' '.join(str(e).split())}", file=sys.stderr)   # always one line
         return 2

@@ -89,6 +89,7 @@ def restore(model, plan: list, state) -> tuple[list, dict]:
     newest model-level snapshot, then the finished sweeps after it. Returns their
     (report rows, training summaries)."""
     from compress.models import find_blocks
+    from compress.offload import lazy_of
 
     done = [s for s in range(len(plan)) if state.is_done(s)]
     snap = max((s for s in done if not isinstance(plan[s], list)), default=-1)
@@ -98,7 +99,7 @@ def restore(model, plan: list, state) -> tuple[list, dict]:
     prefix, blocks = find_blocks(model)
     for s in done:   # sweeps before the snapshot: only their report rows
         if isinstance(plan[s], list):
-            layers += state.restore_blocks(s, model, blocks, prefix, len(blocks) - 1) if s > snap \
+            layers += state.restore_blocks(s, model, blocks, prefix, len(blocks) - 1, lazy_of(model)) if s > snap \
                 else state.block_rows(s, len(blocks))
     if done:
         log.info("resumed after stage %d of %d", done[-1] + 1, len(plan))
@@ -130,6 +131,8 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
     if ids.dim() != 2:
         raise CompressError(f"calib: expected token ids of shape [nsamples, seqlen], got {tuple(ids.shape)}")
     for cfg in configs:  # fail on missing training data before the sweep, not after it
+        if cfg.model_level and getattr(model, "_compress_lazy", None) is not None:
+            raise CompressError(f"runner.offload: {cfg.name} trains the whole model at once; it cannot run offloaded")
         if cfg.model_level:
             training_ids(cfg, calib_cfg, tokenizer, None, check_only=True)
     t0 = time.perf_counter()

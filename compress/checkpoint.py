@@ -63,11 +63,22 @@ def save(out_dir: str, model, tokenizer=None, recipe: Optional[dict] = None, rep
          dtype: Optional[str] = None) -> Path:
     """Save atomically to `out_dir` (replacing an existing folder only once the new one
     is complete)."""
+    from compress.offload import lazy_of, save_lazy
+
+    lazy = lazy_of(model)
     with atomic_dir(out_dir) as tmp:
-        if dtype is not None:
-            model = model.to(getattr(torch, dtype))  # packed codes and scales keep their dtype
         record_runtime_modules(model)
-        model.save_pretrained(tmp, safe_serialization=True)
+        if lazy is not None:   # offloaded: stream the blocks from their sources, one shard each
+            if dtype is not None:
+                model.config.dtype = getattr(torch, dtype)
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            save_lazy(tmp, model, lazy, getattr(torch, dtype) if dtype else None)
+        else:
+            if dtype is not None:
+                model = model.to(getattr(torch, dtype))  # packed codes and scales keep their dtype
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_extras(tmp, recipe, report)

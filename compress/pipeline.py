@@ -63,7 +63,22 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None, run_dir: Optional[s
     if out_dir is not None:
         check_output_dir(out_dir)  # before the long run, not after it
     t_start = time.perf_counter()
-    model, tokenizer = load_model(recipe.model, getattr(torch, recipe.dtype))
+    if recipe.runner.offload:
+        if out_dir is None and run_dir is None and resume is None:
+            raise CompressError("runner.offload: the compressed blocks are kept in a run folder; set output")
+        if recipe.calib.source == "self":
+            raise CompressError("runner.offload: calib.source 'self' generates text with the whole model; "
+                                "use c4, wikitext2, text or jsonl")
+        from compress.models import resolve_model
+        from compress.offload import load_lazy
+
+        where, gguf = resolve_model(recipe.model)
+        if gguf:
+            raise CompressError("runner.offload: reads a safetensors model folder, not GGUF "
+                                "(write one with `compress export MODEL --format hf DIR`)")
+        model, tokenizer = load_lazy(where, getattr(torch, recipe.dtype))
+    else:
+        model, tokenizer = load_model(recipe.model, getattr(torch, recipe.dtype))
     configs = as_configs(recipe.passes)
     preflight(model, configs)
     # Evaluation data first: a missing data set should fail before minutes of work.

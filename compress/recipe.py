@@ -54,6 +54,7 @@ class RunnerConfig:
     batch_size: int = 8            # calibration sequences per forward
     true_sequential: bool = False  # re-collect statistics between qkv -> o -> gate/up -> down
     compute_dtype: Optional[str] = None  # calibration forwards; default bf16 on CPUs with native bf16
+    offload: bool = False          # keep the blocks on disk, one in memory at a time (compress.offload)
 
 
 @dataclass
@@ -170,6 +171,7 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
     runner = _build(RunnerConfig, raw.get("runner"), "runner")
     _check_int(runner.batch_size, "runner.batch_size")
     _check_bool(runner.true_sequential, "runner.true_sequential")
+    _check_bool(runner.offload, "runner.offload")
     if runner.compute_dtype is not None and runner.compute_dtype not in DTYPES:
         raise CompressError(f"runner.compute_dtype: expected one of {', '.join(DTYPES)}, got {runner.compute_dtype!r}")
     if runner.device is not None and not (isinstance(runner.device, str) and
@@ -199,6 +201,11 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
         raise CompressError(f"output.dtype: expected one of {', '.join(DTYPES)}, got {output.dtype!r}")
     if output.format is not None:
         output.export_config().validate()
+    if runner.offload:   # these need the whole model in memory at once
+        for key, what in (("eval", ev), ("output.format", output.format)):
+            if what is not None:
+                raise CompressError(f"runner.offload: {key} needs the whole model in memory; drop it and run "
+                                    f"`compress {'eval' if key == 'eval' else 'export'}` on the output")
     return Recipe(model=raw["model"], passes=raw["passes"], calib=calib, dtype=raw.get("dtype", "float32"),
                   runner=runner, eval=ev, output=output, raw=raw)
 

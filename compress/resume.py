@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from compress.errors import CompressError
@@ -51,7 +52,7 @@ def _meta_of(module: torch.nn.Module, prefix: str = "") -> dict:
             if isinstance(m, PackedLinear)}
 
 
-def _swap_in(model, metas: dict) -> None:
+def swap_in(model, metas: dict) -> None:
     """Put empty runtime modules where the saved state has them (they are filled next)."""
     from compress.nn import RUNTIME
     for name, meta in metas.items():
@@ -132,20 +133,34 @@ class RunState:
     def last_block(self, stage: int) -> int:
         return self.progress["blocks_done"].get(str(stage), -1)
 
-    def restore_blocks(self, stage: int, model, blocks, prefix: str, upto: int) -> list:
-        """Load blocks 0..upto of sweep `stage` into `model`; return their report rows."""
+    def block_source(self, stage: int, i: int) -> tuple:
+        """(file, {name in file: name in block}, runtime metas) of a saved block, for an
+        offloaded model (compress.offload) to read it from."""
+        d = self.path / f"s{stage}"
+        with safe_open(str(d / f"block{i}.safetensors"), framework="pt") as f:
+            names = {k: k for k in f.keys() if k != "__rng__"}
+        return d / f"block{i}.safetensors", names, json.loads((d / f"block{i}.json").read_text())["modules"]
+
+    def restore_blocks(self, stage: int, model, blocks, prefix: str, upto: int, lazy=None) -> list:
+        """Load blocks 0..upto of sweep `stage` into `model` (or, offloaded, point `lazy`
+        at them); return their report rows."""
         rows = []
         d = self.path / f"s{stage}"
         for i in range(upto + 1):
             info = json.loads((d / f"block{i}.json").read_text())
-            _swap_in(model, info["modules"])
+            if lazy is not None:
+                lazy.point(i, *self.block_source(stage, i))
+                rows += info["rows"]
+                continue
+            swap_in(model, info["modules"])
             state = load_file(str(d / f"block{i}.safetensors"))
-            rng = state.pop("__rng__")
+            state.pop("__rng__")
             home = next(iter(blocks[i].state_dict().values())).device
             blocks[i].load_state_dict({k: v.to(home) for k, v in state.items()}, strict=True)
             rows += info["rows"]
-        if upto >= 0:
-            torch.set_rng_state(rng)
+        if upto >= 0:   # the global RNG as it was after the last saved block
+            with safe_open(str(d / f"block{upto}.safetensors"), framework="pt") as f:
+                torch.set_rng_state(f.get_tensor("__rng__"))
         return rows
 
     def block_rows(self, stage: int, n_blocks: int) -> list:
@@ -162,7 +177,7 @@ class RunState:
         from safetensors.torch import load_model
         d = self.path / f"s{stage}"
         info = json.loads((d / "model.json").read_text())
-        _swap_in(model, info["modules"])
+        swap_in(model, info["modules"])
         if _tied(model) and not info["tied"]:   # PERP merged a LoRA into the tied head
             head = model.get_output_embeddings()
             head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)

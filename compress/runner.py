@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from compress.errors import CompressError
 from compress.models import block_linears, find_blocks, get_weight, set_weight
+from compress.offload import lazy_of
 from compress.passes.base import BLOCK_FNS, BlockContext, Layer, PassConfig, pass_fn
 from compress.stats import InputStats
 
@@ -286,14 +287,19 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
     rows: list[dict] = []
     need_inputs = any(c.needs_stats or c.name in BLOCK_FNS for c in sweep)
     inputs = capture_inputs(model, blocks, ids, batch_size, device, act_device, dtype) if need_inputs else []
+    lazy = lazy_of(model)   # offloaded: blocks live on disk until needed (compress.offload)
+    if lazy is not None and state is None:
+        raise CompressError("runner.offload: an offloaded model needs a run folder (compress.resume.RunState)")
     start = 0 if state is None else state.last_block(stage) + 1
     if start:
         log.info("resuming sweep %d after block %d", stage, start - 1)
-        rows += state.restore_blocks(stage, model, blocks, prefix, start - 1)
+        rows += state.restore_blocks(stage, model, blocks, prefix, start - 1, lazy)
         if inputs and start < len(blocks):
             for inp, h in zip(inputs, state.restore_hidden(stage)):
                 inp.hidden = h.to(act_device)
     for i in tqdm(range(start, len(blocks)), desc="blocks", unit="block", initial=start, total=len(blocks)):
+        if lazy is not None:
+            lazy.load(i)
         block = blocks[i].to(device)
         linears = targeted_linears(block, f"{prefix}.{i}", sweep)
         masters = {n: get_weight(m).detach().float().clone() for n, m in linears.items()}  # [out, in]
@@ -313,6 +319,9 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
         if state is not None:
             state.block_done(stage, i, blocks[i], prefix, [inp.hidden for inp in inputs] if i + 1 < len(blocks)
                              else [], block_rows)
+        if lazy is not None:   # the saved block is its source from now on
+            lazy.point(i, *state.block_source(stage, i))
+            lazy.release(i)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     _move_all_but(model, blocks, home)

@@ -1,0 +1,154 @@
+"""Offloaded models: the decoder blocks' weights stay on disk until the runner needs one.
+
+`load_lazy(folder)` builds the model with its blocks' parameters on the meta device
+(no memory) and everything else (embeddings, final norm, head, rotary tables) real.
+The runner asks `LazyBlocks.load(i)` for block i just before compressing it, and
+`release(i)` after its compressed state is saved to the run folder, which then becomes
+that block's source. So only one block is ever materialized, beside the calibration
+activations, and host memory stays flat in the model's depth. `save_lazy` writes the
+output one block per shard, reading each back from its source.
+
+    sources[i] = (safetensors file, {tensor name in file: name in block}, runtime metas)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from compress.errors import CompressError
+
+log = logging.getLogger(__name__)
+
+
+class LazyBlocks:
+    def __init__(self, model, prefix: str, blocks, sources: dict, dtype: torch.dtype):
+        self.model, self.prefix, self.blocks, self.sources, self.dtype = model, prefix, blocks, sources, dtype
+
+    def point(self, i: int, file: Path, names: dict, metas: dict) -> None:
+        """Block i's current weights are `names` {name in file: name in block} in `file`."""
+        self.sources[i] = (Path(file), names, metas)
+
+    def state(self, i: int) -> dict:
+        """Block i's tensors {name in block: tensor}, read from its source."""
+        file, names, _ = self.sources[i]
+        with safe_open(str(file), framework="pt") as f:
+            return {dst: f.get_tensor(src) for src, dst in names.items()}
+
+    def load(self, i: int) -> None:
+        """Materialize block i (on the CPU) from its source, in the model's dtype
+        (packed buffers of runtime modules keep theirs)."""
+        from compress.resume import swap_in
+        swap_in(self.model, self.sources[i][2])
+        block = self.blocks[i]
+        state = {k: v.to(self.dtype) if v.is_floating_point() and not _packed(block, k) else v
+                 for k, v in self.state(i).items()}
+        block.load_state_dict(state, strict=True, assign=True)
+
+    def release(self, i: int) -> None:
+        """Drop block i's memory: its parameters and buffers go back to the meta device."""
+        self.blocks[i].to("meta")
+
+
+def _packed(block, key: str) -> bool:
+    """Whether `key` is a packed buffer of a runtime module (whose dtype never changes)."""
+    from compress.nn import PackedLinear
+    mod, _, name = key.rpartition(".")
+    m = block.get_submodule(mod) if mod else block
+    return isinstance(m, PackedLinear) and name in m.PACKED
+
+
+def weight_files(folder: Path) -> dict:
+    """{tensor name: safetensors file} of a model folder (sharded or not)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise CompressError(f"runner.offload: {folder} has no model.safetensors; offloading reads safetensors "
+                            "folders (convert GGUF or .bin models with `compress export --format hf` first)")
+    with safe_open(str(single), framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def load_lazy(folder: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) with the decoder blocks left on disk (see the module docstring)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from compress.models import find_blocks
+
+    p = Path(folder)
+    if not (p / "config.json").is_file():
+        raise CompressError(f"runner.offload: model {folder!r} must be a local Hugging Face folder")
+    files = weight_files(p)
+    config = AutoConfig.from_pretrained(p)
+    if getattr(config, "compress", None):
+        raise CompressError("runner.offload: the model already holds packed layers; offload a dense model")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    prefix, blocks = find_blocks(model)
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix + ".")}
+    by_file: dict = {}
+    for k in rest:
+        if k in files:
+            by_file.setdefault(files[k], []).append(k)
+    state = {}
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as st:
+            state.update({k: st.get_tensor(k).to(dtype) if st.get_slice(k).get_dtype().startswith(("F", "BF"))
+                          else st.get_tensor(k) for k in keys})
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still = [n for n, t in model.named_parameters() if t.is_meta and not n.startswith(prefix + ".")]
+    if still:
+        raise CompressError(f"runner.offload: {folder} lacks {still[0]}")
+    sources = {}
+    for i in range(len(blocks)):
+        head = f"{prefix}.{i}."
+        names = {k: k[len(head):] for k in files if k.startswith(head)}
+        by = {files[k] for k in names}
+        if len(by) != 1:   # a block split over two shards: read it as two sources is not needed in practice
+            raise CompressError(f"runner.offload: block {i} is split over several files in {folder}")
+        sources[i] = (by.pop(), names, {})
+    model._compress_lazy = LazyBlocks(model, prefix, blocks, sources, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
+    return model.eval(), tokenizer
+
+
+def lazy_of(model) -> Optional[LazyBlocks]:
+    return getattr(model, "_compress_lazy", None)
+
+
+def save_lazy(folder: Path, model, lazy: LazyBlocks, dtype: Optional[torch.dtype] = None) -> None:
+    """Write an offloaded model's weights into `folder` (cast to `dtype`, packed buffers
+    excepted), one shard per block plus one for the rest, with the index transformers
+    reads; at most one block is in memory."""
+    def cast(block, k, v):
+        keep = dtype is None or not v.is_floating_point() or (block is not None and _packed(block, k))
+        return (v if keep else v.to(dtype)).contiguous()
+
+    n = len(lazy.blocks)
+    name = lambda k: f"model-{k + 1:05d}-of-{n + 1:05d}.safetensors"  # noqa: E731
+    weight_map, total = {}, 0
+    rest, seen = {}, set()
+    for k, t in model.state_dict().items():
+        ptr = t.untyped_storage().data_ptr()
+        if k.startswith(lazy.prefix + ".") or ptr in seen:   # tied head: stored once, as transformers does
+            continue
+        seen.add(ptr)
+        rest[k] = cast(None, k, t.detach())
+    for i in range(n + 1):
+        tensors = rest if i == 0 else {f"{lazy.prefix}.{i - 1}.{k}": cast(lazy.blocks[i - 1], k, v)
+                                       for k, v in lazy.state(i - 1).items()}
+        save_file(tensors, str(folder / name(i)), metadata={"format": "pt"})
+        weight_map.update({k: name(i) for k in tensors})
+        total += sum(v.numel() * v.element_size() for v in tensors.values())
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
