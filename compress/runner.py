@@ -141,6 +141,8 @@ def collect_stats(block, linears: dict, inputs: list[BlockInput], want_xtx: bool
     def make_hook(name):
         def hook(module, args, out):
             x = args[0]
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(f"non-finite activations at the input of {name}")
             if name not in owner:
                 twin = next((o for t, o in seen if t is x), None)
                 owner[name] = twin or name
@@ -303,6 +305,9 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
         block = blocks[i].to(device)
         linears = targeted_linears(block, f"{prefix}.{i}", sweep)
         masters = {n: get_weight(m).detach().float().clone() for n, m in linears.items()}  # [out, in]
+        for n, W in masters.items():
+            if not torch.isfinite(W).all():
+                raise FloatingPointError(f"{n}: non-finite weights (before any pass)")
         with run_in_dtype(block, dtype if inputs else next(block.parameters()).dtype):
             block_rows, packed = compress_block(block, linears, masters, inputs, sweep, device, true_sequential,
                                                 act_device, dtype)

@@ -121,3 +121,21 @@ def test_run_dir_must_be_new_empty_or_a_run(tmp_path, tiny4_dir, corpus, capsys)
     assert main(["-q", "run", r, "--output", str(tmp_path / "out"), "--run-dir", str(keep)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
     assert (keep / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where,expect", [("model.layers.2.post_attention_layernorm", "input of model.layers.2.mlp.gate_proj"),  # not a linear
+                                          ("model.layers.2.mlp.up_proj", "model.layers.2.mlp.up_proj: non-finite"),
+                                          ("model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.o_proj: non-finite weights")])
+def test_nan_stops_the_run_naming_the_layer(tmp_path, tiny4_dir, corpus, capsys, where, expect):
+    """A NaN weight (or the activations it poisons) stops the run with the layer's name, exit 1."""
+    from safetensors.torch import load_file, save_file
+    f = tiny4_dir / "model.safetensors"
+    state = load_file(str(f))
+    state[f"{where}.weight"].view(-1)[0] = float("nan")
+    save_file(state, str(f), metadata={"format": "pt"})
+    r = recipe(tmp_path, tiny4_dir, corpus, SGPT_W4)
+    capsys.readouterr()
+    assert main(["-q", "run", r, "--output", str(tmp_path / "out")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]            # after the progress bars
+    assert last.startswith("compress: numerical fault: ") and expect in last, last
+    assert not (tmp_path / "out").exists()
