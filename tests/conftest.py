@@ -85,3 +85,27 @@ def data_dir() -> Path:
         pytest.skip("COMPRESS_DATA_DIR not set: point it at a folder laid out like "
                     "shared/data (wikitext-2-raw/, c4/) to run the real-text tests")
     return Path(value)
+
+
+@pytest.fixture
+def tiny4_dir(tmp_path, tiny_tokenizer):
+    """A random 4-block LLaMA (tied head) saved with the tiny tokenizer: a model folder
+    for CLI runs that cut off, resume or offload between blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+    d = tmp_path / "tiny4"
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A plain-text calibration (and training) source for `calib: {source: text}`."""
+    p = tmp_path / "corpus.txt"
+    p.write_text(" ".join(f"Sentence number {i} talks about pruning and the weights of models." for i in range(600)))
+    return p

@@ -21,12 +21,6 @@ def tiny_dir(tmp_path, tiny_llama, tiny_tokenizer):
     return d
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    p = tmp_path / "corpus.txt"
-    p.write_text(" ".join(f"Sentence number {i} talks about pruning and the weights of models." for i in range(400)))
-    return p
-
 
 def write_recipe(tmp_path, **fields):
     p = tmp_path / "recipe.yaml"

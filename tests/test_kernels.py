@@ -138,7 +138,7 @@ def test_triton_sparse24_quant_matmul_matches_reference(bits, group, sym, M, dty
 
 def test_launch_shapes():
     _need_triton()
-    from compress.kernels.quant_matmul import launch_shape, step_for
+    from compress.kernels.gemm import launch_shape, step_for
     cpu = torch.device("cpu")
     assert launch_shape(1, 4096, 4096, 128, cpu) == {"BM": 16, "BN": 32, "BK": 128, "SPLIT_K": 1}   # 128 programs
     assert launch_shape(1, 64, 4096, 128, cpu)["SPLIT_K"] == 2          # too few column tiles: split K

@@ -13,23 +13,6 @@ from compress.offload import LazyBlocks
 from compress.resume import RunState
 
 
-@pytest.fixture
-def tiny4_dir(tmp_path, tiny_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    d = tmp_path / "tiny4"
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    p = tmp_path / "corpus.txt"
-    p.write_text(" ".join(f"Line {i}: blocks are read from disk one at a time." for i in range(600)))
-    return p
 
 
 def recipe(tmp_path, model, corpus, passes, **runner) -> str:

@@ -16,7 +16,7 @@ from compress.quantize import QuantResult, QuantSpec, dequantize, fit, fit_param
 from compress.runner import preflight
 from compress.stats import InputStats
 from helpers import apply, check_cast_keeps_packed_state, check_reload_packed, correlated_inputs, is_nm, stats_of
-from test_cli import corpus, run_cli, tiny_dir, write_recipe  # noqa: F401  (fixtures and helpers of the CLI tests)
+from test_cli import run_cli, tiny_dir, write_recipe  # noqa: F401  (fixtures and helpers of the CLI tests)
 
 
 def calib_ids(vocab, n=8, seq=32, seed=0):

@@ -9,16 +9,8 @@ Storage is QuantLinear's, unchanged (compress/nn/quant_linear.py):
 
     W_hat[n, k] = (u[n, k] - z[n, k // g]) * s[n, k // g]
 
-Every program computes a [BM, BN] tile of y and walks K in steps of BK. A K-step never
-crosses a quantization group (BK divides g), so the scale and zero point are one [BN]
-vector per step, loaded once. Two launch shapes share the kernel:
-
-- decode, M <= 16 (GEMV): one 16-row tile, narrow BN and split-K, so that enough
-  programs stream the weight at once to saturate memory bandwidth; partial sums meet
-  in an fp32 buffer through atomic adds. The padded rows cost tensor-core time that a
-  memory-bound GEMV has to spare.
-- prefill, M > 16 (GEMM): 64- or 128-row tiles, so each dequantized weight tile is
-  reused by many tokens.
+The loop, the launch shapes (a GEMV path for decode, M <= 16, and a GEMM path for
+prefill) and the launcher are shared with the 2:4 kernel: compress/kernels/gemm.py.
 """
 from __future__ import annotations
 
@@ -48,78 +40,8 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, stride_qn, stride_sn, 
     return (u - z[None, :]).to(tl.float32) * s[None, :]
 
 
-@triton.jit
-def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
-                         stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
-                         GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
-                    mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)          # [BM, BK]
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, stride_qn, stride_sn, stride_zn,
-                          GROUP, BITS, SYM)                                          # [BK, BN]
-        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
-    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    inside = (rm < M)[:, None] & (rn < N)[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=inside)
-    else:
-        tl.atomic_add(out, acc, mask=inside)
-
-
-def precision(dtype: torch.dtype) -> str:
-    """fp32 operands multiply in full fp32 (not TF32), so fp32 results stay within 1e-3."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def step_for(group: int, want: int) -> int:
-    """The K-step: the largest power of two <= want (and >= 16) that divides the group."""
-    bk = want
-    while bk > 16 and group % bk:
-        bk //= 2
-    if group % bk:
-        raise ValueError(f"group size {group} is not a multiple of 16: no Triton K-step fits it")
-    return bk
-
-
-def launch_shape(M: int, N: int, K: int, group: int, device: torch.device) -> dict:
-    """Tile sizes and split-K for an [M, K] x [K, N] problem (see the module docstring)."""
-    if M <= 16:
-        bm, bn, bk = 16, 32, step_for(group, 128)
-        programs = torch.cuda.get_device_properties(device).multi_processor_count * 4 \
-            if device.type == "cuda" else 4
-        split = max(1, min(triton.cdiv(K, bk), programs // triton.cdiv(N, bn)))
-    else:
-        bm, bn, bk, split = (64 if M <= 64 else 128), 128, step_for(group, 64), 1
-    return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split}
-
-
 def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: Optional[torch.Tensor],
                  bits: int, group_size: Optional[int], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [..., N] = x [..., K] W_hat^T; the same arguments as reference.quant_matmul."""
-    if bits not in (2, 4, 8):
-        raise ValueError(f"quant_matmul: bits must be 2, 4 or 8 (codes must not straddle words), got {bits}")
-    K = x.shape[-1]
-    N = qweight.shape[0]
-    x2 = x.reshape(-1, K).contiguous()
-    M = x2.shape[0]
-    group = K if group_size is None else group_size
-    cfg = launch_shape(M, N, K, group, x.device)
-    y = (torch.zeros if cfg["SPLIT_K"] > 1 else torch.empty)(M, N, device=x.device,
-                                                            dtype=torch.float32 if cfg["SPLIT_K"] > 1 else x.dtype)
-    z = qzeros if qzeros is not None else qweight                         # unused when symmetric
-    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]), cfg["SPLIT_K"])
-    _quant_matmul_kernel[grid](x2, qweight, scales, z, y, M, N, K,
-                               x2.stride(0), qweight.stride(0), scales.stride(0), z.stride(0), y.stride(0),
-                               GROUP=group, BITS=bits, SYM=qzeros is None,
-                               PRECISION=precision(x.dtype), **cfg)
-    y = y.to(x.dtype)
-    if bias is not None:
-        y += bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], N)
+    from compress.kernels.gemm import launch
+    return launch(x, qweight, None, scales, qzeros, bits, group_size, bias)

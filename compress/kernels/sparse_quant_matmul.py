@@ -14,7 +14,7 @@ and kept codes u0 = u[2q], u1 = u[2q+1]:
 
 The kernel rebuilds each [BK, BN] weight tile in registers from these (the four inputs
 of a group load the same words, which the cache serves: every byte comes from memory
-once) and feeds it to tl.dot, with the launch shapes of quant_matmul. The saving is in
+once) and feeds it to tl.dot in the loop it shares with quant_matmul (gemm.py). The saving is in
 bytes read, which is what bounds decode; the tensor cores still see a dense tile.
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from compress.kernels.quant_matmul import launch_shape, precision
 
 
 @triton.jit
@@ -70,54 +69,11 @@ def _sparse_tile(qw_ptr, p_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, P_WORDS,
     return tl.where(slot[:, None] == p0, v0, tl.where(slot[:, None] == p1, v1, 0.0))
 
 
-@triton.jit
-def _sparse_quant_matmul_kernel(x_ptr, qw_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, P_WORDS,
-                                stride_xm, stride_qn, stride_pn, stride_sn, stride_zn, stride_ym,
-                                GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr,
-                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                                PRECISION: tl.constexpr):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
-                    mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)          # [BM, BK]
-        w = _sparse_tile(qw_ptr, p_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, P_WORDS,
-                         stride_qn, stride_pn, stride_sn, stride_zn, GROUP, BITS, SYM)
-        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
-    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    inside = (rm < M)[:, None] & (rn < N)[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=inside)
-    else:
-        tl.atomic_add(out, acc, mask=inside)
-
-
 def sparse24_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, pattern: torch.Tensor, scales: torch.Tensor,
                           qzeros: Optional[torch.Tensor], bits: int, group_size: Optional[int],
                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [..., N] = x [..., K] W_hat^T; the same arguments as reference.sparse24_quant_matmul."""
-    if bits not in (2, 4, 8):
-        raise ValueError(f"sparse24_quant_matmul: bits must be 2, 4 or 8, got {bits}")
-    K = x.shape[-1]
-    N = qweight.shape[0]
-    if K % 4:
-        raise ValueError(f"sparse24_quant_matmul: {K} inputs are not a multiple of 4")
-    x2 = x.reshape(-1, K).contiguous()
-    M = x2.shape[0]
-    group = K if group_size is None else group_size
-    cfg = launch_shape(M, N, K, group, x.device)
-    split = cfg["SPLIT_K"] > 1
-    y = (torch.zeros if split else torch.empty)(M, N, device=x.device, dtype=torch.float32 if split else x.dtype)
-    z = qzeros if qzeros is not None else qweight                         # unused when symmetric
-    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]), cfg["SPLIT_K"])
-    _sparse_quant_matmul_kernel[grid](
-        x2, qweight, pattern, scales, z, y, M, N, K, pattern.shape[1],
-        x2.stride(0), qweight.stride(0), pattern.stride(0), scales.stride(0), z.stride(0), y.stride(0),
-        GROUP=group, BITS=bits, SYM=qzeros is None, PRECISION=precision(x.dtype), **cfg)
-    y = y.to(x.dtype)
-    if bias is not None:
-        y += bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], N)
+    from compress.kernels.gemm import launch
+    if x.shape[-1] % 4:
+        raise ValueError(f"sparse24_quant_matmul: {x.shape[-1]} inputs are not a multiple of 4")
+    return launch(x, qweight, pattern, scales, qzeros, bits, group_size, bias)

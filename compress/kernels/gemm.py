@@ -1,0 +1,110 @@
+"""The loop both Triton weight-only kernels share: y [M, N] = x [M, K] W_hat^T, with each
+[BK, BN] tile of W_hat^T rebuilt in registers by a tile function and fed to tl.dot.
+
+    dense codes (QuantLinear):            quant_matmul._dequant_tile
+    2:4 kept codes (SparseQuantLinear):   sparse_quant_matmul._sparse_tile
+
+Every program computes a [BM, BN] tile of y and walks K in steps of BK. A K-step never
+crosses a quantization group (BK divides g), so a step's scale and zero point are one
+[BN] vector. Two launch shapes share the kernel:
+
+- decode, M <= 16 (GEMV): one 16-row tile, narrow BN and split-K, so that enough
+  programs stream the weight at once to saturate memory bandwidth; partial sums meet
+  in an fp32 buffer through atomic adds. The padded rows cost tensor-core time that a
+  memory-bound GEMV has to spare.
+- prefill, M > 16 (GEMM): 64- or 128-row tiles, so each rebuilt weight tile is reused
+  by many tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from compress.kernels.quant_matmul import _dequant_tile
+from compress.kernels.sparse_quant_matmul import _sparse_tile
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, qw_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, P_WORDS,
+                 stride_xm, stride_qn, stride_pn, stride_sn, stride_zn, stride_ym,
+                 GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, SPARSE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                    mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)          # [BM, BK]
+        if SPARSE:
+            w = _sparse_tile(qw_ptr, p_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, P_WORDS,
+                             stride_qn, stride_pn, stride_sn, stride_zn, GROUP, BITS, SYM)
+        else:
+            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, stride_qn, stride_sn, stride_zn,
+                              GROUP, BITS, SYM)                                      # [BK, BN]
+        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    inside = (rm < M)[:, None] & (rn < N)[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=inside)
+    else:
+        tl.atomic_add(out, acc, mask=inside)
+
+
+def precision(dtype: torch.dtype) -> str:
+    """fp32 operands multiply in full fp32 (not TF32), so fp32 results stay within 1e-3."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def step_for(group: int, want: int) -> int:
+    """The K-step: the largest power of two <= want (and >= 16) that divides the group."""
+    bk = want
+    while bk > 16 and group % bk:
+        bk //= 2
+    if group % bk:
+        raise ValueError(f"group size {group} is not a multiple of 16: no Triton K-step fits it")
+    return bk
+
+
+def launch_shape(M: int, N: int, K: int, group: int, device: torch.device) -> dict:
+    """Tile sizes and split-K for an [M, K] x [K, N] problem (see the module docstring)."""
+    if M <= 16:
+        bm, bn, bk = 16, 32, step_for(group, 128)
+        programs = torch.cuda.get_device_properties(device).multi_processor_count * 4 \
+            if device.type == "cuda" else 4
+        split = max(1, min(triton.cdiv(K, bk), programs // triton.cdiv(N, bn)))
+    else:
+        bm, bn, bk, split = (64 if M <= 64 else 128), 128, step_for(group, 64), 1
+    return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split}
+
+
+def launch(x: torch.Tensor, qweight: torch.Tensor, pattern: Optional[torch.Tensor], scales: torch.Tensor,
+           qzeros: Optional[torch.Tensor], bits: int, group_size: Optional[int],
+           bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y [..., N] = x [..., K] W_hat^T; 2:4 storage when `pattern` is given."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8 (codes must not straddle words), got {bits}")
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    group = K if group_size is None else group_size
+    cfg = launch_shape(M, N, K, group, x.device)
+    split = cfg["SPLIT_K"] > 1
+    y = (torch.zeros if split else torch.empty)(M, N, device=x.device, dtype=torch.float32 if split else x.dtype)
+    z = qzeros if qzeros is not None else qweight                         # unused when symmetric
+    p = pattern if pattern is not None else qweight                       # unused when dense
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]), cfg["SPLIT_K"])
+    _gemm_kernel[grid](x2, qweight, p, scales, z, y, M, N, K, p.shape[1],
+                       x2.stride(0), qweight.stride(0), p.stride(0), scales.stride(0), z.stride(0), y.stride(0),
+                       GROUP=group, BITS=bits, SYM=qzeros is None, SPARSE=pattern is not None,
+                       PRECISION=precision(x.dtype), **cfg)
+    y = y.to(x.dtype)
+    if bias is not None:
+        y += bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], N)
