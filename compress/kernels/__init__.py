@@ -3,6 +3,7 @@
     reference.py            the meaning of every op in plain torch (tests compare against it)
     quant_matmul.py         Triton W4A16 / W8A16 group-quantized matmul (GEMV and GEMM paths)
     sparse_quant_matmul.py  Triton 2:4 + int4 fused matmul (SparseQuantLinear storage)
+    gemm.py                 the loop, launch shapes and launcher those two share
     sparse24.py             2:4 fp16 / bf16 through torch's semi-structured sparse tensors
     armor.py                ArmorLinear: batched block matmuls around the 2:4 core
 
