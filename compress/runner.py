@@ -9,6 +9,8 @@ layer by layer, then run the *compressed* block to produce the next block's inpu
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import time
@@ -70,6 +72,24 @@ def run_in_dtype(block: nn.Module, dtype: torch.dtype):
     finally:
         block.to(own)
         block.load_state_dict(saved)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:   # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps freed chunks of the per-block
+    tensors in its arenas, fragmented, so without this the resident size creeps up by
+    about a block's size per block even though nothing is alive (measured: +11 MiB per
+    SmolLM2 block); with it the host memory stays flat in the model's depth."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _first(out):
@@ -329,6 +349,7 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
             lazy.release(i)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        trim_heap()
     _move_all_but(model, blocks, home)
     return rows
 
