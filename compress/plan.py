@@ -6,7 +6,7 @@ Memory, per the runner's loop (compress/runner.py):
 
     weights     the whole model (host), or with runner.offload the non-block part and
                 one block; the device holds one block plus the non-block part. While
-                loading, the file's pages and the tensors are both resident (2 copies)
+                loading, the file's pages and the tensors are partly both resident
     activations calibration hidden states, nsamples x seqlen x d_model in the compute
                 dtype, once (twice when a block pass keeps the dense block's outputs)
     statistics  per distinct linear input: X^T X in fp32 (d_in^2) for SparseGPT / GPTQ
@@ -26,8 +26,11 @@ import torch
 from compress.recipe import Recipe
 
 MiB = 2 ** 20
-BASE_MIB = 340   # python, torch, transformers and datasets, imported (measured here: 338 MiB)
-LOAD_COPIES = 2  # while a model loads, the file's mapped pages and the model's tensors are both resident
+# Calibrated on SmolLM2-shaped runs on this project's CPU machine (benchmarks/memory.py,
+# benchmarks/resume.py); estimates land within about 10 % of those runs' measured peaks.
+BASE_MIB = 640     # python and the libraries (338 MiB imported), tokenizer, calibration text, allocator slack
+LOAD_COPIES = 1.6  # while a model loads, its file's pages and its tensors are partly resident together
+EFFICIENCY = 0.4   # the share of the plain matmul rate a whole run achieves (small matmuls, Cholesky, I/O)
 
 
 def _meta_model(spec: str):
@@ -87,7 +90,7 @@ def plan(recipe: Recipe) -> dict:
     weights_host = (rest + per_block) * wbytes if recipe.runner.offload else total * wbytes
     block_dev = per_block * (4 + cbytes)       # fp32 masters and the compute-dtype copy
     run_peak = weights_host + (0 if device.type == "cuda" else acts + stats + work + block_dev)
-    load_peak = LOAD_COPIES * ((rest + per_block) if recipe.runner.offload else total) * wbytes
+    load_peak = int(LOAD_COPIES * ((rest + per_block) if recipe.runner.offload else total) * wbytes)
     host = BASE_MIB * MiB + max(run_peak, load_peak)
     dev = rest * wbytes + block_dev + acts + stats + work if device.type == "cuda" else 0
     fwd = 2 * per_block * n * T * 3 * len(blocks) * len(sweeps)
@@ -95,7 +98,7 @@ def plan(recipe: Recipe) -> dict:
     train = sum(6 * total * c.steps * c.batch_size * (c.data or {}).get("seqlen", T) for c in configs
                 if c.model_level)
     rate = matmul_rate(device, cdtype)
-    seconds = (fwd + pass_flops + train) / rate
+    seconds = (fwd + pass_flops + train) / (rate * EFFICIENCY)
     return {"model": recipe.model, "parameters": total, "blocks": len(blocks), "block_parameters": per_block,
             "device": str(device), "compute_dtype": str(cdtype).replace("torch.", ""), "offload": recipe.runner.offload,
             "activations_mib": acts / MiB, "statistics_mib": stats / MiB, "workspace_mib": work / MiB,
