@@ -12,6 +12,7 @@ import torch
 from compress.errors import CompressError
 from compress.passes.base import PassConfig, make_config
 from compress.runner import preflight, resolve, run_sweep
+from compress.offload import lazy_of
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,6 @@ def restore(model, plan: list, state) -> tuple[list, dict]:
     newest model-level snapshot, then the finished sweeps after it. Returns their
     (report rows, training summaries)."""
     from compress.models import find_blocks
-    from compress.offload import lazy_of
 
     done = [s for s in range(len(plan)) if state.is_done(s)]
     snap = max((s for s in done if not isinstance(plan[s], list)), default=-1)
@@ -131,7 +131,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
     if ids.dim() != 2:
         raise CompressError(f"calib: expected token ids of shape [nsamples, seqlen], got {tuple(ids.shape)}")
     for cfg in configs:  # fail on missing training data before the sweep, not after it
-        if cfg.model_level and getattr(model, "_compress_lazy", None) is not None:
+        if cfg.model_level and lazy_of(model) is not None:
             raise CompressError(f"runner.offload: {cfg.name} trains the whole model at once; it cannot run offloaded")
         if cfg.model_level:
             training_ids(cfg, calib_cfg, tokenizer, None, check_only=True)

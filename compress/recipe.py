@@ -94,6 +94,12 @@ def _check_int(value, name: str, lo: int = 1, optional: bool = False) -> None:
         raise CompressError(f"{name}: expected an integer >= {lo}, got {value!r}")
 
 
+def _check_str(value, name: str) -> None:
+    """An optional non-empty string."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise CompressError(f"{name}: expected a non-empty string, got {value!r}")
+
+
 def _check_bool(value, name: str) -> None:
     if not isinstance(value, bool):
         raise CompressError(f"{name}: expected true or false, got {value!r}")
@@ -186,17 +192,13 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
         _check_int(ev.batch_size, "eval.batch_size")
         _check_bool(ev.compare, "eval.compare")
         for key in ("split", "data_dir"):
-            value = getattr(ev, key)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise CompressError(f"eval.{key}: expected a non-empty string, got {value!r}")
+            _check_str(getattr(ev, key), f"eval.{key}")
     out = raw.get("output")
     if out is not None and not isinstance(out, (str, dict)):
         raise CompressError(f"output: expected a folder path or {{dir: ..., dtype: ...}}, got {out!r}")
     output = _build(OutputConfig, {"dir": out} if isinstance(out, str) else out, "output")
     for key in ("dir", "dtype", "format", "sparse_format", "gguf_type"):
-        value = getattr(output, key)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise CompressError(f"output.{key}: expected a non-empty string, got {value!r}")
+        _check_str(getattr(output, key), f"output.{key}")
     if output.dtype is not None and output.dtype not in DTYPES:
         raise CompressError(f"output.dtype: expected one of {', '.join(DTYPES)}, got {output.dtype!r}")
     if output.format is not None:
