@@ -46,13 +46,17 @@ class LazyBlocks:
         from compress.resume import swap_in
         swap_in(self.model, self.sources[i][2])
         block = self.blocks[i]
-        state = {k: v.to(self.dtype) if v.is_floating_point() and not _packed(block, k) else v
-                 for k, v in self.state(i).items()}
+        state = {k: v if _packed(block, k) else _as(v, self.dtype) for k, v in self.state(i).items()}
         block.load_state_dict(state, strict=True, assign=True)
 
     def release(self, i: int) -> None:
         """Drop block i's memory: its parameters and buffers go back to the meta device."""
         self.blocks[i].to("meta")
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors in the model's dtype; integer ones (ids, codes) as they are."""
+    return t.to(dtype) if t.is_floating_point() else t
 
 
 def _packed(block, key: str) -> bool:
@@ -101,8 +105,7 @@ def load_lazy(folder: str, dtype: torch.dtype = torch.float32):
     state = {}
     for f, keys in by_file.items():
         with safe_open(str(f), framework="pt") as st:
-            state.update({k: st.get_tensor(k).to(dtype) if st.get_slice(k).get_dtype().startswith(("F", "BF"))
-                          else st.get_tensor(k) for k in keys})
+            state.update({k: _as(st.get_tensor(k), dtype) for k in keys})
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still = [n for n, t in model.named_parameters() if t.is_meta and not n.startswith(prefix + ".")]
@@ -113,7 +116,7 @@ def load_lazy(folder: str, dtype: torch.dtype = torch.float32):
         head = f"{prefix}.{i}."
         names = {k: k[len(head):] for k in files if k.startswith(head)}
         by = {files[k] for k in names}
-        if len(by) != 1:   # a block split over two shards: read it as two sources is not needed in practice
+        if len(by) != 1:   # sources are one file per block
             raise CompressError(f"runner.offload: block {i} is split over several files in {folder}")
         sources[i] = (by.pop(), names, {})
     model._compress_lazy = LazyBlocks(model, prefix, blocks, sources, dtype)
