@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 import torch
 
+from compress.coverage import coverage, inventory, log_coverage
 from compress.errors import CompressError
 from compress.passes.base import PassConfig, make_config
 from compress.runner import preflight, resolve, run_sweep
@@ -135,6 +136,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
             raise CompressError(f"runner.offload: {cfg.name} trains the whole model at once; it cannot run offloaded")
         if cfg.model_level:
             training_ids(cfg, calib_cfg, tokenizer, None, check_only=True)
+    weights = inventory(model)   # before any layer is packed
     t0 = time.perf_counter()
     device, dtype = resolve(device, getattr(torch, compute_dtype) if compute_dtype else None, model)
     plan = stages(configs)
@@ -152,19 +154,21 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         if state is not None:
             state.stage_done(s, model, not isinstance(stage, list), training.get(getattr(stage, "name", None)))
     seconds = time.perf_counter() - t0
-    numel = sum(r["shape"][0] * r["shape"][1] for r in layers)
-    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
+    section, sparsity = coverage(model, weights, layers, configs)
     report = {
         "passes": [{c.name: c.to_dict()} for c in configs],
         "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1]},
         "true_sequential": true_sequential,
         "compute_dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
-        "summary": {"layers": len(layers), "sparsity": zeros / max(numel, 1),
+        "summary": {"layers": len({r["layer"] for r in layers}), **sparsity,
                     "seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib(), 1)},
+        "coverage": section,
         "layers": layers,
         "training": training or None,
         "versions": versions(),
     }
-    log.info("compressed %d layers in %.1f s, sparsity %.4f", len(layers), seconds, report["summary"]["sparsity"])
+    log.info("compressed %d layers in %.1f s, sparsity %.4f of the decoder weights (%.4f of the targeted layers)",
+             report["summary"]["layers"], seconds, sparsity["sparsity"], sparsity["targeted_sparsity"])
+    log_coverage(section)
     return model, report

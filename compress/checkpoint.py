@@ -140,8 +140,11 @@ def _restore_runtime_modules(model, folder: Path, modules: dict) -> None:
             raise CompressError(f"load: {name} has unknown module type {meta.get('type')!r}")
         m = RUNTIME[meta["type"]].empty(meta)
         wanted[name] = m
-    keys = {f"{n}.{k}" for n, m in wanted.items() for k in m.state_dict()}
-    tensors = _read_tensors(folder, keys)
+    from compress.models import file_names
+
+    names = file_names(model, [f"{n}.{k}" for n, m in wanted.items() for k in m.state_dict()])
+    stored = _read_tensors(folder, set(names.values()))
+    tensors = {k: stored[f] for k, f in names.items() if f in stored}
     for name, m in wanted.items():
         state = {k: tensors[f"{name}.{k}"] for k in m.state_dict() if f"{name}.{k}" in tensors}
         missing = sorted(set(m.state_dict()) - set(state))
@@ -160,8 +163,10 @@ def load(path: str, dtype: Optional[torch.dtype] = None, device=None):
     (in fp16 on CUDA unless `dtype` says otherwise), exact 2:4 linears compressed for
     the sparse tensor cores, and each packed layer given the fastest kernel the device
     runs (the plain-torch reference on CPU)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from compress.models import auto_class
 
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -173,7 +178,7 @@ def load(path: str, dtype: Optional[torch.dtype] = None, device=None):
     if modules:
         hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, **({"dtype": dtype} if dtype else {}))
+        model = auto_class(AutoConfig.from_pretrained(p)).from_pretrained(p, use_safetensors=True, **({"dtype": dtype} if dtype else {}))
     finally:
         hf_logging.set_verbosity(verbosity)
     _restore_runtime_modules(model, p, modules)

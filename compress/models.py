@@ -1,9 +1,10 @@
 """Loading causal LMs and finding their decoder blocks and linear layers, generically.
 
-Works on any Hugging Face causal LM: the decoder blocks are the longest `ModuleList`
-of identical modules that hold linear layers (``model.layers`` in Llama/Qwen2/Mistral/
-Gemma, ``model.decoder.layers`` in OPT, ``transformer.h`` in GPT-2). GPT-2's `Conv1D`
-stores its weight as [in, out]; `get_weight` / `set_weight` hide that.
+Works on any Hugging Face causal LM or vision-language wrapper: the decoder blocks are
+the layer list of the model's own decoder (`get_decoder()`), ``model.layers`` in
+Llama/Qwen/Mistral/Gemma, ``model.decoder.layers`` in OPT, ``transformer.h`` in GPT-2,
+``model.language_model.layers`` in Qwen2.5-VL and Gemma 3. GPT-2's `Conv1D` stores its
+weight as [in, out]; `get_weight` / `set_weight` hide that.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def resolve_model(spec: str) -> tuple[str, Optional[str]]:
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) from a hub id, a local folder, a .gguf file or the
     alias 'smollm2-135m'. A missing model is a one-line CompressError."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where, gguf = resolve_model(spec)
     from compress.checkpoint import load, runtime_modules_of
@@ -66,7 +67,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
         return load(where, dtype)  # packed layers (QuantLinear, ...) need our loader
     kw = {"gguf_file": gguf} if gguf else {}
     try:   # weights from safetensors only: a pickled checkpoint (.bin) can run code when loaded
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw, **({} if gguf else {"use_safetensors": True}))
+        cls = AutoModelForCausalLM if gguf else auto_class(AutoConfig.from_pretrained(where))
+        model = cls.from_pretrained(where, dtype=dtype, **kw, **({} if gguf else {"use_safetensors": True}))
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -118,26 +120,96 @@ def _is_packed(m: nn.Module) -> bool:
     return isinstance(m, PackedLinear)
 
 
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The language model's decoder, as the model itself names it: `get_decoder()`
+    (which also finds the text model inside a `*ForConditionalGeneration` wrapper), or
+    the model when it has none. Vision towers and projectors sit outside it."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        dec = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        dec = None
+    return dec if isinstance(dec, nn.Module) else model
+
+
+def _n_layers(model: nn.Module) -> Optional[int]:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(text, "num_hidden_layers", None)
+    return n if isinstance(n, int) else None
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the decoder blocks: the longest ModuleList whose
-    children share one class and contain linear layers (plain or already packed)."""
-    best = None
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) == 0:
-            continue
-        if len({type(c) for c in m}) != 1 or not any(is_linear(x) or _is_packed(x) for x in m[0].modules()):
-            continue
-        if best is None or len(m) > len(best[1]):
-            best = (name, m)
-    if best is None:
-        raise CompressError("model: no decoder blocks found (no ModuleList of blocks with linear layers)")
-    return best
+    """(qualified name, ModuleList) of the decoder blocks.
+
+    The blocks are the decoder's own layer list (`decoder_of`): the outermost
+    ModuleList in it with `config.num_hidden_layers` entries (text config for a
+    multimodal wrapper) whose blocks hold linear layers. Layer classes may differ
+    (hybrid attention / state-space stacks); lists nested inside a block (experts) are
+    never taken for the decoder. Anything else is refused, naming what was found."""
+    decoder = decoder_of(model)
+    n = _n_layers(model)
+    where = {id(m): name for name, m in model.named_modules()}
+    lists, inner = [], set()
+    for name, m in decoder.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and id(m) not in inner:
+            lists.append(m)
+            inner.update(id(x) for x in m.modules() if x is not m)
+    holds = [m for m in lists if all(any(is_linear(x) or _is_packed(x) for x in b.modules()) for b in m)]
+    found = [m for m in holds if n is None or len(m) == n]
+    if n is None and len(found) > 1:
+        found = [max(found, key=len)]
+    if len(found) != 1:
+        seen = ", ".join(f"{where.get(id(m), '?')} ({len(m)})" for m in holds) or "none"
+        raise CompressError(f"model: cannot find the decoder blocks of {type(model).__name__}: expected one list of "
+                            f"{n} blocks with linear layers in {type(decoder).__name__}, found: {seen}")
+    return where[id(found[0])], found[0]
+
+
+def auto_class(config):
+    """The transformers Auto class that builds a model for `config`: a causal LM, or
+    for a vision-language model that is not registered as one (Qwen2.5-VL), the
+    image-text-to-text wrapper, whose decoder we compress on text."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as vl
+
+    kind = getattr(config, "model_type", None)
+    return AutoModelForImageTextToText if kind not in causal and kind in vl else AutoModelForCausalLM
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """Linear layers of one block by name relative to the block, in module order (packed
-    runtime modules are not linear layers a pass can edit)."""
-    return {n: m for n, m in block.named_modules() if n and is_linear(m)}
+    """Linear layers of one block by name relative to the block, in module order: the
+    layers passes target. Packed runtime modules are not linear layers a pass can edit,
+    and routers are not targets (`is_router`)."""
+    return {n: m for n, m in block.named_modules() if n and is_linear(m) and not is_router(block, n)}
+
+
+def _n_experts(experts: nn.Module) -> Optional[int]:
+    if isinstance(experts, nn.ModuleList):
+        return len(experts)
+    n = getattr(experts, "num_experts", None)
+    if isinstance(n, int):
+        return n
+    fused = next((p for p in experts.parameters(recurse=False) if p.dim() >= 3), None)
+    return fused.shape[0] if fused is not None else None
+
+
+def is_router(block: nn.Module, name: str) -> bool:
+    """Whether module `name` of `block` routes tokens: a router class (transformers 5's
+    `*TopKRouter`), or a linear beside an `experts` module whose outputs are one score per
+    expert (Mixtral-style `gate`) or a single gate (Qwen's `shared_expert_gate`)."""
+    m = block.get_submodule(name)
+    if "Router" in type(m).__name__:
+        return True
+    parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+    experts = getattr(parent, "experts", None)
+    if not is_linear(m) or not isinstance(experts, nn.Module) or experts is m:
+        return False
+    out = get_weight(m).shape[0]
+    return out == 1 or out == _n_experts(experts)
 
 
 def get_weight(m: nn.Module) -> torch.Tensor:
@@ -149,6 +221,22 @@ def get_weight(m: nn.Module) -> torch.Tensor:
 def set_weight(m: nn.Module, W: torch.Tensor) -> None:
     """Write an [out, in] weight back in the layer's own layout and dtype."""
     get_weight(m).copy_(W.to(m.weight.dtype))
+
+
+def file_names(model: nn.Module, keys) -> dict[str, str]:
+    """{state-dict key: the name transformers stores it under}. transformers 5 saves some
+    models in their original checkpoint layout (Qwen2.5-VL's ``model.language_model.
+    layers.*`` is stored as ``model.layers.*``); a plain rename is undone here one key at
+    a time, with transformers' own conversion tables."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:   # older transformers: keys are stored as they are
+        return {k: k for k in keys}
+    out = {}
+    for k in keys:
+        renamed = list(revert_weight_conversion(model, {k: torch.empty(0)}))
+        out[k] = renamed[0] if len(renamed) == 1 else k
+    return out
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

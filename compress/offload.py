@@ -83,9 +83,9 @@ def weight_files(folder: Path) -> dict:
 def load_lazy(folder: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) with the decoder blocks left on disk (see the module docstring)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from compress.models import find_blocks
+    from compress.models import auto_class, file_names, find_blocks
 
     p = Path(folder)
     if not (p / "config.json").is_file():
@@ -95,17 +95,18 @@ def load_lazy(folder: str, dtype: torch.dtype = torch.float32):
     if getattr(config, "compress", None):
         raise CompressError("runner.offload: the model already holds packed layers; offload a dense model")
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_class(config).from_config(config, dtype=dtype)
     prefix, blocks = find_blocks(model)
+    stored = file_names(model, model.state_dict())   # {key in the model: name in the files}
     rest = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix + ".")}
     by_file: dict = {}
     for k in rest:
-        if k in files:
-            by_file.setdefault(files[k], []).append(k)
+        if stored[k] in files:
+            by_file.setdefault(files[stored[k]], []).append(k)
     state = {}
     for f, keys in by_file.items():
         with safe_open(str(f), framework="pt") as st:
-            state.update({k: _as(st.get_tensor(k), dtype) for k in keys})
+            state.update({k: _as(st.get_tensor(stored[k]), dtype) for k in keys})
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still = [n for n, t in model.named_parameters() if t.is_meta and not n.startswith(prefix + ".")]
@@ -114,7 +115,7 @@ def load_lazy(folder: str, dtype: torch.dtype = torch.float32):
     sources = {}
     for i in range(len(blocks)):
         head = f"{prefix}.{i}."
-        names = {k: k[len(head):] for k in files if k.startswith(head)}
+        names = {stored[k]: k[len(head):] for k in stored if k.startswith(head) and stored[k] in files}
         by = {files[k] for k in names}
         if len(by) != 1:   # sources are one file per block
             raise CompressError(f"runner.offload: block {i} is split over several files in {folder}")

@@ -35,13 +35,13 @@ EFFICIENCY = 0.4   # the share of the plain matmul rate a whole run achieves (sm
 
 def _meta_model(spec: str):
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from compress.models import resolve_model
+    from compress.models import auto_class, resolve_model
     where, gguf = resolve_model(spec)
     config = AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_class(config).from_config(config)
     model.tie_weights()   # a tied head is one matrix, not two
     return model
 
@@ -62,15 +62,15 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) 
 def plan(recipe: Recipe) -> dict:
     """{'host_mib', 'device_mib', 'seconds', ...} for a validated recipe."""
     from compress.api import as_configs, stages
-    from compress.models import block_linears, find_blocks
+    from compress.models import block_linears, find_blocks, get_weight
     from compress.runner import fast_dtype
 
     model = _meta_model(recipe.model)
     prefix, blocks = find_blocks(model)
     wbytes = {"float32": 4, "float16": 2, "bfloat16": 2}[recipe.dtype]
     total = sum(p.numel() for p in model.parameters())
-    per_block = sum(p.numel() for p in blocks[0].parameters())
-    rest = total - per_block * len(blocks)
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]   # layer classes may differ (hybrids)
+    per_block, rest = max(sizes), total - sum(sizes)
     device = torch.device(recipe.runner.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cdtype = getattr(torch, recipe.runner.compute_dtype) if recipe.runner.compute_dtype else \
         fast_dtype(device, getattr(torch, recipe.dtype))
@@ -79,22 +79,22 @@ def plan(recipe: Recipe) -> dict:
     sweeps = [s for s in stages(configs) if isinstance(s, list)]
     xtx = any(c.needs_xtx for c in configs)
     keeps_targets = any(c.name in ("armor", "gqsa", "perp") and not c.model_level for c in configs)
-    n, T, d = recipe.calib.nsamples, recipe.calib.seqlen, model.config.hidden_size
-    lin = {k: tuple(m.weight.shape) for k, m in block_linears(blocks[0]).items()}   # (out, in)
+    n, T, d = recipe.calib.nsamples, recipe.calib.seqlen, model.config.get_text_config().hidden_size
+    lins = [{k: tuple(get_weight(m).shape) for k, m in block_linears(b).items()} for b in blocks]   # (out, in)
     # layers reading one tensor share their statistics: approximated as one input per
     # (parent module, input size), e.g. q/k/v/o -> 1, gate/up -> 1, down -> 1 for LLaMA
-    inputs = {(k.rpartition(".")[0], shape[1]) for k, shape in lin.items()}
+    inputs = [{(k.rpartition(".")[0], shape[1]) for k, shape in lin.items()} for lin in lins]
     acts = n * T * d * cbytes * (2 if keeps_targets else 1)
-    stats = sum(i * i * 4 if xtx else 3 * i * 4 for _, i in inputs)
-    work = max(o * i * 4 * 3 + (2 * i * i * 4 if xtx else 0) for o, i in lin.values())
+    stats = max(sum(i * i * 4 if xtx else 3 * i * 4 for _, i in inp) for inp in inputs)
+    work = max((o * i * 4 * 3 + (2 * i * i * 4 if xtx else 0) for lin in lins for o, i in lin.values()), default=0)
     weights_host = (rest + per_block) * wbytes if recipe.runner.offload else total * wbytes
     block_dev = per_block * (4 + cbytes)       # fp32 masters and the compute-dtype copy
     run_peak = weights_host + (0 if device.type == "cuda" else acts + stats + work + block_dev)
     load_peak = int(LOAD_COPIES * ((rest + per_block) if recipe.runner.offload else total) * wbytes)
     host = BASE_MIB * MiB + max(run_peak, load_peak)
     dev = rest * wbytes + block_dev + acts + stats + work if device.type == "cuda" else 0
-    fwd = 2 * per_block * n * T * 3 * len(blocks) * len(sweeps)
-    pass_flops = sum((i ** 3 + 2 * o * i * i) if xtx else o * i * 8 for o, i in lin.values()) * len(blocks) * len(sweeps)
+    fwd = 2 * sum(sizes) * n * T * 3 * len(sweeps)
+    pass_flops = sum((i ** 3 + 2 * o * i * i) if xtx else o * i * 8 for lin in lins for o, i in lin.values()) * len(sweeps)
     train = sum(6 * total * c.steps * c.batch_size * (c.data or {}).get("seqlen", T) for c in configs
                 if c.model_level)
     rate = matmul_rate(device, cdtype)

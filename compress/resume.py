@@ -12,8 +12,8 @@ finished block and ends with the same bytes as a run that was never interrupted.
 Every file is written to a temporary name and renamed, and run.json, renamed last,
 says what is complete: a kill between two renames leaves the previous state whole.
 Restoring replays the newest model snapshot, then the block files of the sweeps after
-it, in order. The calibration inputs' other arguments (masks, rotary tables) are
-recomputed; only the hidden states are stored.
+it, in order. The calibration inputs' other arguments (each block's masks and rotary
+tables) are captured again; only the hidden states are stored.
 """
 from __future__ import annotations
 

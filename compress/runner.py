@@ -1,9 +1,11 @@
 """The sequential runner: the one loop in the repo that walks the decoder blocks.
 
-For each block: put it on the device, run one forward over the calibration batch with
-hooks that accumulate each distinct linear input's statistics, run the sweep's passes
-layer by layer, then run the *compressed* block to produce the next block's inputs
-(so later blocks calibrate on what they will really see), and free the block.
+First capture what the model gives every block (compress.capture: each block its own
+masks and rotary tables). Then for each block: put it on the device, run one forward
+over the calibration batches with hooks that accumulate each distinct linear input's
+statistics, run the sweep's passes layer by layer, then run the *compressed* block to
+produce the next block's inputs (so later blocks calibrate on what they will really
+see), and free the block.
 
     hidden [batch, seq, d_model] per calibration batch, kept on `act_device`
 """
@@ -13,15 +15,16 @@ import ctypes
 import functools
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress.capture import BlockInput, CalibInputs, capture_inputs, forward_block
 from compress.errors import CompressError
 from compress.models import block_linears, find_blocks, get_weight, set_weight
 from compress.offload import lazy_of
@@ -29,32 +32,6 @@ from compress.passes.base import BLOCK_FNS, BlockContext, Layer, PassConfig, pas
 from compress.stats import InputStats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BlockInput:
-    """What block 0 received for one calibration batch: hidden states plus every other
-    positional and keyword argument (attention mask, position ids, rotary embeddings,
-    cache flags...), captured rather than rebuilt so any architecture works."""
-
-    hidden: torch.Tensor
-    args: tuple
-    kwargs: dict
-
-
-class _Stop(Exception):
-    pass
-
-
-def cast_floats(obj, dtype):
-    """Cast every floating tensor inside (nested tuples / lists / dicts of) `obj`."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(cast_floats(o, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: cast_floats(v, dtype) for k, v in obj.items()}
-    return obj
 
 
 @contextmanager
@@ -92,10 +69,6 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _move_all_but(module: nn.Module, blocks: nn.Module, device) -> None:
     """Move every parameter and buffer outside `blocks` to `device` (embeddings, rotary
     tables, final norm), leaving the blocks where they are."""
@@ -110,38 +83,6 @@ def _move_all_but(module: nn.Module, blocks: nn.Module, device) -> None:
         p.data = p.data.to(device)
     for name, b in module.named_buffers(recurse=False):
         setattr(module, name, b.to(device))
-
-
-@torch.no_grad()
-def capture_inputs(model, blocks, ids: torch.LongTensor, batch_size: int, device, act_device,
-                   dtype: Optional[torch.dtype] = None) -> list[BlockInput]:
-    """Run the model up to block 0 for each batch of `ids` [n, seq] and keep its inputs
-    (floating ones cast to the compute `dtype`)."""
-    cache: list[BlockInput] = []
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        if dtype is not None:
-            hidden, args, kwargs = cast_floats((hidden, args, kwargs), dtype)
-        cache.append(BlockInput(hidden.to(act_device), tuple(args[1:]), dict(kwargs)))
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for b in range(0, ids.shape[0], batch_size):
-            try:
-                model(ids[b:b + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return cache
-
-
-def forward_block(block, inp: BlockInput, device) -> torch.Tensor:
-    """The block's hidden-state output on one calibration batch. Gradients follow the
-    caller's mode: the runner calls it under no_grad, BQPO trains through it."""
-    return _first(block(inp.hidden.to(device), *inp.args, **inp.kwargs))
 
 
 @torch.no_grad()
@@ -245,13 +186,16 @@ def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput]
         layers = {n: compress_linear(n, m, masters[n], None, sweep) for n, m in linears.items()}
     elif not true_sequential:
         stats = collect_stats(block, linears, inputs, want_xtx, device, outputs=targets, act_device=act_device)
+        _check_observed(linears, stats)
         layers = {n: compress_linear(n, m, masters[n], stats[n], sweep) for n, m in linears.items()}
     else:
         # true_sequential: re-collect statistics before each group of layers that share
         # an input, so that o_proj calibrates on the output of the compressed q/k/v.
         if targets is not None:
             targets += [forward_block(block, inp, device).to(act_device) for inp in inputs]
-        groups = input_groups(collect_stats(block, linears, inputs, False, device, max_batches=1))
+        first = collect_stats(block, linears, inputs, False, device, max_batches=1)
+        _check_observed(linears, first)
+        groups = input_groups(first)
         layers = {}
         for group in groups:
             sub = {n: linears[n] for n in group}
@@ -265,6 +209,17 @@ def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput]
             BLOCK_FNS[cfg.name](ctx, cfg)
     rows = [finish_linear(layers[n], m, masters[n], sweep) for n, m in linears.items()]
     return rows, {n: L.packed for n, L in layers.items() if L.packed is not None}
+
+
+def _check_observed(linears: dict, stats: dict) -> None:
+    """Every targeted linear must have been called as a module in the statistics forward.
+    One whose weight the model reads directly (Jamba's mamba.dt_proj) has no inputs to
+    observe, and a packed replacement would break that forward: refused, naming it."""
+    for n in linears:
+        if n not in stats:
+            rel = re.sub(r"^.*?\.\d+\.", "", n)   # the name inside the block
+            raise CompressError(f"model: {n} is never called as a layer (the model reads its weight directly), so "
+                                f"its inputs cannot be observed; add '{re.escape(rel)}' to the passes' ignore")
 
 
 def fast_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
@@ -290,25 +245,39 @@ def targeted_linears(block, prefix: str, sweep: list[PassConfig]) -> dict:
     return {n: m for n, m in linears.items() if any(c.applies_to(n) for c in sweep)}
 
 
+def _unreached(calib: CalibInputs, i: int, block, prefix: str, linears: dict) -> bool:
+    """Whether block i is one the model never calls on text (Mllama's cross-attention
+    layers without an image). Passes cannot calibrate its targeted layers: refused."""
+    if not calib or calib.reached[i]:
+        return False
+    if linears:
+        raise CompressError(f"model: {prefix}.{i} ({type(block).__name__}) is never run on text-only calibration, "
+                            f"so {next(iter(linears))} cannot be calibrated; add {prefix}.{i}\\. to the passes' ignore")
+    return True
+
+
 @torch.no_grad()
 def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=None, batch_size: int = 8,
               true_sequential: bool = False, act_device=None, compute_dtype=None, state=None,
-              stage: int = 0) -> list[dict]:
+              stage: int = 0, observe=None) -> list[dict]:
     """Apply one sweep of passes to every decoder block, in order: layer passes, then
     block passes; layers a packing pass produced become runtime modules.
 
     ids [nsamples, seqlen] calibration token ids; compute_dtype: dtype of the
-    calibration forwards (None: `fast_dtype`). With `state` (compress.resume.RunState),
+    calibration forwards (None: `fast_dtype`). Each block runs on the arguments the
+    model gives that block (compress.capture). With `state` (compress.resume.RunState),
     each finished block is saved as sweep number `stage`, and a sweep that was cut off
-    continues after its last saved block. Returns per-layer report rows."""
+    continues after its last saved block. `observe(i, hidden)`, if given, sees the
+    propagated hidden states [batch, seq, d] after every block (the last one too).
+    Returns per-layer report rows."""
     device, dtype = resolve(device, compute_dtype, model)
     act_device = torch.device(act_device or device)
     prefix, blocks = find_blocks(model)
     home = next(model.parameters()).device
     _move_all_but(model, blocks, device)
     rows: list[dict] = []
-    need_inputs = any(c.needs_stats or c.name in BLOCK_FNS for c in sweep)
-    inputs = capture_inputs(model, blocks, ids, batch_size, device, act_device, dtype) if need_inputs else []
+    need_inputs = any(c.needs_stats or c.name in BLOCK_FNS for c in sweep) or observe is not None
+    calib = capture_inputs(model, blocks, ids, batch_size, device, act_device, dtype) if need_inputs else CalibInputs()
     lazy = lazy_of(model)   # offloaded: blocks live on disk until needed (compress.offload)
     if lazy is not None and state is None:
         raise CompressError("runner.offload: an offloaded model needs a run folder (compress.resume.RunState)")
@@ -316,34 +285,18 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
     if start:
         log.info("resuming sweep %d after block %d", stage, start - 1)
         rows += state.restore_blocks(stage, model, blocks, prefix, start - 1, lazy)
-        if inputs and start < len(blocks):
-            for inp, h in zip(inputs, state.restore_hidden(stage)):
-                inp.hidden = h.to(act_device)
+        if calib and start < len(blocks):
+            calib.hidden = [h.to(act_device) for h in state.restore_hidden(stage)]
     for i in tqdm(range(start, len(blocks)), desc="blocks", unit="block", initial=start, total=len(blocks)):
         if lazy is not None:
             lazy.load(i)
-        block = blocks[i].to(device)
-        linears = targeted_linears(block, f"{prefix}.{i}", sweep)
-        masters = {n: get_weight(m).detach().float().clone() for n, m in linears.items()}  # [out, in]
-        for n, W in masters.items():
-            if not torch.isfinite(W).all():
-                raise FloatingPointError(f"{n}: non-finite weights (before any pass)")
-        with run_in_dtype(block, dtype if inputs else next(block.parameters()).dtype):
-            block_rows, packed = compress_block(block, linears, masters, inputs, sweep, device, true_sequential,
-                                                act_device, dtype)
-            rows += block_rows
-            if inputs and i + 1 < len(blocks):
-                for inp in inputs:  # propagate through the compressed block
-                    inp.hidden = forward_block(block, inp, device).to(act_device)
-                    _check_finite(inp.hidden, f"{prefix}.{i}")
-        for n, m in linears.items():
-            set_weight(m, masters[n])
-        blocks[i].to(home)
-        for n, p in packed.items():  # packing passes: swap in the runtime module (QuantLinear...)
-            model.set_submodule(n, p.to_module(getattr(linears[n], "bias", None)).to(home))
+        block_rows = _sweep_block(model, blocks, i, prefix, sweep, calib, device, act_device, dtype, home,
+                                  true_sequential, propagate=i + 1 < len(blocks) or observe is not None)
+        rows += block_rows
+        if observe is not None and calib:
+            observe(i, calib.hidden)
         if state is not None:
-            state.block_done(stage, i, blocks[i], prefix, [inp.hidden for inp in inputs] if i + 1 < len(blocks)
-                             else [], block_rows)
+            state.block_done(stage, i, blocks[i], prefix, calib.hidden if i + 1 < len(blocks) else [], block_rows)
         if lazy is not None:   # the saved block is its source from now on
             lazy.point(i, *state.block_source(stage, i))
             lazy.release(i)
@@ -351,6 +304,36 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
             torch.cuda.empty_cache()
         trim_heap()
     _move_all_but(model, blocks, home)
+    return rows
+
+
+def _sweep_block(model, blocks, i: int, prefix: str, sweep: list[PassConfig], calib: CalibInputs, device,
+                 act_device, dtype, home, true_sequential: bool, propagate: bool) -> list[dict]:
+    """Compress block i on its own inputs, propagate the calibration batches through the
+    compressed block, put it back on `home` with packed layers swapped in; its rows."""
+    block = blocks[i].to(device)
+    linears = targeted_linears(block, f"{prefix}.{i}", sweep)
+    if _unreached(calib, i, block, prefix, linears):
+        blocks[i].to(home)
+        return []
+    masters = {n: get_weight(m).detach().float().clone() for n, m in linears.items()}  # [out, in]
+    for n, W in masters.items():
+        if not torch.isfinite(W).all():
+            raise FloatingPointError(f"{n}: non-finite weights (before any pass)")
+    inputs = calib.block(i) if calib else []
+    with run_in_dtype(block, dtype if calib else next(block.parameters()).dtype):
+        rows, packed = compress_block(block, linears, masters, inputs, sweep, device, true_sequential,
+                                      act_device, dtype)
+        if calib and propagate:   # the next block reads the compressed block's outputs
+            for b, inp in enumerate(inputs):   # one batch at a time: the old states are freed as we go
+                calib.hidden[b] = forward_block(block, inp, device).to(act_device)
+                inp.hidden = None
+                _check_finite(calib.hidden[b], f"{prefix}.{i}")
+    for n, m in linears.items():
+        set_weight(m, masters[n])
+    blocks[i].to(home)
+    for n, p in packed.items():  # packing passes: swap in the runtime module (QuantLinear...)
+        model.set_submodule(n, p.to_module(getattr(linears[n], "bias", None)).to(home))
     return rows
 
 

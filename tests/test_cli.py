@@ -122,6 +122,7 @@ BAD = [
     ({"passes": [{"wanda": {"sparsity": 1.5}}]}, "wanda.sparsity: expected a number in [0, 1)"),
     ({"passes": [{"wanda": {"pattern": "3:2"}}]}, "wanda.pattern: expected 'unstructured' or 'N:M'"),
     ({"passes": [{"wanda": {"bogus": 1}}]}, "wanda: unknown argument 'bogus'"),
+    ({"passes": [{"wanda": {"targets": ["nothing_here"]}}]}, "wanda.targets: no linear layer of the decoder blocks matches"),
     ({"modle": "x"}, "recipe: unknown key 'modle'"),
     ({"model": "/no/such/model"}, "model: folder '/no/such/model' does not exist"),
     ({"output": 123}, "output: expected a folder path or {dir: ..., dtype: ...}, got 123"),

@@ -19,7 +19,7 @@ def snapshot(model):
 
 def test_qkv_share_one_statistics_object(tiny_llama):
     _, blocks = find_blocks(tiny_llama)
-    inputs = capture_inputs(tiny_llama, blocks, calib_ids(300), 4, "cpu", "cpu")
+    inputs = capture_inputs(tiny_llama, blocks, calib_ids(300), 4, "cpu", "cpu").block(0)
     stats = collect_stats(blocks[0], block_linears(blocks[0]), inputs, True, "cpu")
     assert input_groups(stats) == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                                    ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]

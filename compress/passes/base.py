@@ -134,7 +134,8 @@ class BlockContext:
     block    the decoder block, on `device`, parameters in the calibration dtype `dtype`
     layers   {qualified name: Layer} of the layers the pass targets, after the layer passes
     modules  {qualified name: the linear module in `block`} (same keys)
-    inputs   the calibration batches (runner.BlockInput: hidden [batch, seq, d] + args)
+    inputs   this block's calibration batches (capture.BlockInput: hidden [batch, seq, d]
+             and the arguments the model gives this block)
     targets  the dense block's output for each batch [batch, seq, d]
     """
 
@@ -148,7 +149,7 @@ class BlockContext:
 
     def forward(self, k: int) -> torch.Tensor:
         """The block's output on calibration batch k."""
-        from compress.runner import forward_block  # the runner imports this module
+        from compress.capture import forward_block
 
         return forward_block(self.block, self.inputs[k], self.device)
 

@@ -1,0 +1,135 @@
+"""What a run compressed, and what it left alone: a model compressed only in part must
+say so. Every run reports it in report.json and in the end-of-run log.
+
+The decoder's weights are every parameter of two or more dimensions inside the decoder
+blocks: linear weights, and also fused experts [E, out, in], convolutions, routers and
+state-space matrices, which no pass edits. Each one is either compressed (a pass ran on
+it: it has a report row), ignored (a pass's `ignore` excluded it on purpose), or
+untouched, with the reason. Untouched weights are grouped by their name inside the
+block, e.g. ``mlp.experts.gate_up_proj in 24 blocks``, and logged as warnings.
+
+`summary.sparsity` counts zeros over all decoder weights; `targeted_sparsity` only
+over the compressed layers.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from compress.models import find_blocks, is_linear, is_router
+
+log = logging.getLogger(__name__)
+
+
+def _why(block: nn.Module, module_name: str, param: str, p: torch.Tensor) -> str:
+    """Why a pass never edits this weight (kind of parameter), or 'linear'."""
+    m = block.get_submodule(module_name) if module_name else block
+    if module_name and is_router(block, module_name):
+        return "router (never a target)"
+    if is_linear(m) and param == "weight":
+        return "linear"
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return "convolution (never a target)"
+    if p.dim() >= 3:
+        return f"fused experts in {type(m).__name__} (a {p.dim()}-D parameter, not nn.Linear: no pass compresses it)"
+    return f"{type(m).__name__}.{param} (not a linear layer: never a target)"
+
+
+def inventory(model) -> dict[str, dict]:
+    """{qualified name: {'numel', 'kind', 'zeros'}} of every decoder weight (>= 2 dims),
+    taken before the run: untouched weights keep these zero counts (None while the
+    block is offloaded on the meta device)."""
+    prefix, blocks = find_blocks(model)
+    out = {}
+    for i, block in enumerate(blocks):
+        for n, p in block.named_parameters():
+            if p.dim() < 2 or n.endswith("bias"):   # weight matrices only (fused experts' [E, out] biases are not)
+                continue
+            mod, _, param = n.rpartition(".")
+            zeros = None if p.is_meta else int((p == 0).sum())
+            out[f"{prefix}.{i}.{n}"] = {"numel": p.numel(), "kind": _why(block, mod, param, p), "zeros": zeros,
+                                        "block": i, "rel": n}
+    return out
+
+
+def _ignored(name: str, configs) -> bool:
+    layer = name.rpartition(".")[0]
+    return any(any(re.search(p, layer) for p in c.ignore) for c in configs)
+
+
+def _groups(items: list[tuple[str, dict]]) -> list[dict]:
+    by = defaultdict(list)
+    for _, w in items:
+        by[(w["rel_key"], w["why"])].append(w)
+    return [{"weights": k, "blocks": len({w["block"] for w in ws}), "parameters": sum(w["numel"] for w in ws),
+             "why": why} for (k, why), ws in by.items()]
+
+
+def _rel_key(rel: str) -> str:
+    """A block-relative name with expert indices folded (mlp.experts.3.w1 -> mlp.experts.*.w1)."""
+    return re.sub(r"\.\d+\.", ".*.", rel)
+
+
+def coverage(model, weights: dict[str, dict], rows: list[dict], configs) -> tuple[dict, dict]:
+    """(coverage section, {'sparsity', 'targeted_sparsity'}) from the inventory and the
+    run's report rows (the last row of a layer is its final state)."""
+    final = {r["layer"]: r for r in rows}
+    compressed, ignored, untouched = [], [], []
+    for name, w in weights.items():
+        layer, _, param = name.rpartition(".")
+        w = {**w, "rel_key": _rel_key(w["rel"])}
+        if param == "weight" and layer in final:
+            compressed.append((name, w))
+            continue
+        w["why"] = "not targeted by any pass" if w["kind"] == "linear" else w["kind"]
+        (ignored if w["kind"] == "linear" and _ignored(name, configs) else untouched).append((name, w))
+    total = sum(w["numel"] for w in weights.values())
+    done = sum(w["numel"] for _, w in compressed)
+    zeros_done = sum(final[n.rpartition(".")[0]]["sparsity"] * w["numel"] for n, w in compressed)
+    zeros_rest = sum(_zeros(model, n, w) for n, w in ignored + untouched)
+    section = {"decoder_weights": len(weights), "compressed_weights": len(compressed),
+               "weight_fraction": len(compressed) / max(len(weights), 1),
+               "decoder_parameters": total, "compressed_parameters": done, "parameter_fraction": done / max(total, 1),
+               "untouched": _groups(untouched), "ignored": _groups(ignored),
+               "outside_decoder_parameters": _outside(model)}
+    sparsity = {"sparsity": (zeros_done + zeros_rest) / max(total, 1), "targeted_sparsity": zeros_done / max(done, 1)}
+    return section, sparsity
+
+
+def _zeros(model, name: str, w: dict) -> int:
+    """Zeros of an untouched weight; read from its block's source when offloaded."""
+    if w["zeros"] is not None:
+        return w["zeros"]
+    from compress.offload import lazy_of
+
+    lazy = lazy_of(model)
+    file, names, _ = lazy.sources[w["block"]]
+    src = {dst: s for s, dst in names.items()}[w["rel"]]
+    from safetensors import safe_open
+    with safe_open(str(file), framework="pt") as f:
+        return int((f.get_tensor(src) == 0).sum())
+
+
+def _outside(model) -> int:
+    """Parameters outside the decoder blocks (embeddings, head, vision tower), counted once."""
+    _, blocks = find_blocks(model)
+    inside = {id(p) for p in blocks.parameters()}
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in inside)
+
+
+def log_coverage(section: dict) -> None:
+    """The end-of-run lines: what was compressed, and a warning per untouched group."""
+    log.info("coverage: compressed %d of %d decoder weight matrices, %.2f %% of %.2f M decoder parameters; "
+             "%.2f M parameters outside the decoder blocks (embeddings, head, vision tower) left as they are",
+             section["compressed_weights"], section["decoder_weights"], 100 * section["parameter_fraction"],
+             section["decoder_parameters"] / 1e6, section["outside_decoder_parameters"] / 1e6)
+    for g in section["ignored"]:
+        log.info("coverage: %s in %d blocks excluded by ignore", g["weights"], g["blocks"])
+    for g in section["untouched"]:
+        log.warning("not compressed: %s in %d blocks (%.2f M parameters): %s", g["weights"], g["blocks"],
+                    g["parameters"] / 1e6, g["why"])
+
