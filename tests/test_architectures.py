@@ -104,18 +104,19 @@ def test_layer_types_get_their_own_mask_shared_once(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_identity_recipe_reproduces_the_dense_hidden_states(arch):
-    """A sweep that changes nothing (Wanda at sparsity 0, fp32 forwards) must propagate
-    exactly the hidden states the dense model computes after every block."""
-    model, x = tiny(arch), ids()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identity_recipe_reproduces_the_dense_hidden_states(arch, dtype):
+    """A sweep that changes nothing (Wanda at sparsity 0, forwards in the model's dtype)
+    must propagate exactly the hidden states the dense model computes after every block."""
+    model, x = tiny(arch).to(dtype), ids()
     want = ordinary_forward(model, x)
     got = {}
     cfg = make_config("wanda", {"sparsity": 0.0, "ignore": IGNORE.get(arch, [])})
-    run_sweep(model, [cfg], x, batch_size=BATCH, compute_dtype=torch.float32,
+    run_sweep(model, [cfg], x, batch_size=BATCH, compute_dtype=dtype,
               observe=lambda i, hidden: got.__setitem__(i, [h.clone() for h in hidden]))
     for i, batches in want.items():
         for b, (_, _, out) in enumerate(batches):
-            err = float((got[i][b] - out).abs().max() / out.abs().max())
+            err = float((got[i][b] - out).float().abs().max() / out.float().abs().max())
             assert err <= 1e-6, f"{arch} block {i} batch {b}: relative error {err:.2e}"
 
 

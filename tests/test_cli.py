@@ -122,7 +122,6 @@ BAD = [
     ({"passes": [{"wanda": {"sparsity": 1.5}}]}, "wanda.sparsity: expected a number in [0, 1)"),
     ({"passes": [{"wanda": {"pattern": "3:2"}}]}, "wanda.pattern: expected 'unstructured' or 'N:M'"),
     ({"passes": [{"wanda": {"bogus": 1}}]}, "wanda: unknown argument 'bogus'"),
-    ({"passes": [{"wanda": {"targets": ["nothing_here"]}}]}, "wanda.targets: no linear layer of the decoder blocks matches"),
     ({"modle": "x"}, "recipe: unknown key 'modle'"),
     ({"model": "/no/such/model"}, "model: folder '/no/such/model' does not exist"),
     ({"output": 123}, "output: expected a folder path or {dir: ..., dtype: ...}, got 123"),
@@ -145,6 +144,16 @@ def test_bad_recipe_is_one_line_exit_2(tmp_path, tiny_dir, corpus, capsys, chang
     err = capsys.readouterr().err.strip()
     assert err.startswith("compress: error: ") and message in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_targets_matching_nothing_refused_before_any_work(tmp_path, tiny_dir, corpus, capsys):
+    """Checked once the model is loaded (its layers are needed), before calibration."""
+    recipe = write_recipe(tmp_path, model=str(tiny_dir), passes=[{"wanda": {}}, {"quant": {"targets": ["nothing_here"]}}],
+                          calib={"source": "text", "path": str(corpus)}, output=str(tmp_path / "out"))
+    assert run_cli("run", recipe) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "compress: error: quant.targets: no linear layer of the decoder blocks matches ['nothing_here']"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
 
 
 def test_nm_indivisible_layer_named(tmp_path, corpus, tiny_tokenizer, capsys):
