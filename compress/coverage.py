@@ -123,13 +123,12 @@ def _outside(model) -> int:
 
 def log_coverage(section: dict) -> None:
     """The end-of-run lines: what was compressed, and a warning per untouched group."""
-    log.info("coverage: compressed %d of %d decoder weight matrices, %.2f %% of %.2f M decoder parameters; "
-             "%.2f M parameters outside the decoder blocks (embeddings, head, vision tower) left as they are",
+    log.info("coverage: compressed %d of %d decoder weight matrices, %.2f %% of %s decoder parameters; "
+             "%s parameters outside the decoder blocks (embeddings, head, vision tower) left as they are",
              section["compressed_weights"], section["decoder_weights"], 100 * section["parameter_fraction"],
-             section["decoder_parameters"] / 1e6, section["outside_decoder_parameters"] / 1e6)
+             f"{section['decoder_parameters']:,}", f"{section['outside_decoder_parameters']:,}")
     for g in section["ignored"]:
         log.info("coverage: %s in %d blocks excluded by ignore", g["weights"], g["blocks"])
     for g in section["untouched"]:
-        log.warning("not compressed: %s in %d blocks (%.2f M parameters): %s", g["weights"], g["blocks"],
-                    g["parameters"] / 1e6, g["why"])
-
+        log.warning("not compressed: %s in %d blocks (%s parameters): %s", g["weights"], g["blocks"],
+                    f"{g['parameters']:,}", g["why"])
