@@ -142,7 +142,7 @@ def _restore_runtime_modules(model, folder: Path, modules: dict) -> None:
         wanted[name] = m
     from compress.models import file_names
 
-    names = file_names(model, [f"{n}.{k}" for n, m in wanted.items() for k in m.state_dict()])
+    names = file_names(model, {f"{n}.{k}": t for n, m in wanted.items() for k, t in m.state_dict().items()})
     stored = _read_tensors(folder, set(names.values()))
     tensors = {k: stored[f] for k, f in names.items() if f in stored}
     for name, m in wanted.items():

@@ -90,7 +90,7 @@ def coverage(model, weights: dict[str, dict], rows: list[dict], configs) -> tupl
     total = sum(w["numel"] for w in weights.values())
     done = sum(w["numel"] for _, w in compressed)
     zeros_done = sum(final[n.rpartition(".")[0]]["sparsity"] * w["numel"] for n, w in compressed)
-    zeros_rest = sum(_zeros(model, n, w) for n, w in ignored + untouched)
+    zeros_rest = _zeros(model, ignored + untouched)
     section = {"decoder_weights": len(weights), "compressed_weights": len(compressed),
                "weight_fraction": len(compressed) / max(len(weights), 1),
                "decoder_parameters": total, "compressed_parameters": done, "parameter_fraction": done / max(total, 1),
@@ -100,18 +100,27 @@ def coverage(model, weights: dict[str, dict], rows: list[dict], configs) -> tupl
     return section, sparsity
 
 
-def _zeros(model, name: str, w: dict) -> int:
-    """Zeros of an untouched weight; read from its block's source when offloaded."""
-    if w["zeros"] is not None:
-        return w["zeros"]
+def _zeros(model, items: list[tuple[str, dict]]) -> int:
+    """Zeros of the untouched weights: counted at the inventory, or, for an offloaded
+    block, read from its source (one file open per block)."""
+    known = sum(w["zeros"] for _, w in items if w["zeros"] is not None)
+    by_block = defaultdict(list)
+    for _, w in items:
+        if w["zeros"] is None:
+            by_block[w["block"]].append(w["rel"])
+    if not by_block:
+        return known
+    from safetensors import safe_open
+
     from compress.offload import lazy_of
 
     lazy = lazy_of(model)
-    file, names, _ = lazy.sources[w["block"]]
-    src = {dst: s for s, dst in names.items()}[w["rel"]]
-    from safetensors import safe_open
-    with safe_open(str(file), framework="pt") as f:
-        return int((f.get_tensor(src) == 0).sum())
+    for i, rels in by_block.items():
+        file, names, _ = lazy.sources[i]
+        src = {dst: s for s, dst in names.items()}
+        with safe_open(str(file), framework="pt") as f:
+            known += sum(int((f.get_tensor(src[r]) == 0).sum()) for r in rels)
+    return known
 
 
 def _outside(model) -> int:

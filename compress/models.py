@@ -125,10 +125,7 @@ def decoder_of(model: nn.Module) -> nn.Module:
     (which also finds the text model inside a `*ForConditionalGeneration` wrapper), or
     the model when it has none. Vision towers and projectors sit outside it."""
     get = getattr(model, "get_decoder", None)
-    try:
-        dec = get() if callable(get) else None
-    except (AttributeError, NotImplementedError):
-        dec = None
+    dec = get() if callable(get) else None
     return dec if isinstance(dec, nn.Module) else model
 
 
@@ -223,20 +220,20 @@ def set_weight(m: nn.Module, W: torch.Tensor) -> None:
     get_weight(m).copy_(W.to(m.weight.dtype))
 
 
-def file_names(model: nn.Module, keys) -> dict[str, str]:
-    """{state-dict key: the name transformers stores it under}. transformers 5 saves some
-    models in their original checkpoint layout (Qwen2.5-VL's ``model.language_model.
-    layers.*`` is stored as ``model.layers.*``); a plain rename is undone here one key at
-    a time, with transformers' own conversion tables."""
+def file_names(model: nn.Module, tensors: dict) -> dict[str, str]:
+    """{state-dict key: the name transformers stores it under}, for `tensors` {key: the
+    tensor (meta is fine) of that shape}. transformers 5 saves some models in their
+    original checkpoint layout (Qwen2.5-VL's ``model.language_model.layers.*`` is stored
+    as ``model.layers.*``): the whole dict goes through transformers' own reverse
+    conversion once, and a tensor that comes out under another name was renamed. A key
+    that a converter merges or splits (per-expert checkpoints of fused experts) keeps its
+    own name."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:   # older transformers: keys are stored as they are
-        return {k: k for k in keys}
-    out = {}
-    for k in keys:
-        renamed = list(revert_weight_conversion(model, {k: torch.empty(0)}))
-        out[k] = renamed[0] if len(renamed) == 1 else k
-    return out
+        return {k: k for k in tensors}
+    where = {id(t): new for new, t in revert_weight_conversion(model, dict(tensors)).items()}
+    return {k: where.get(id(t), k) for k, t in tensors.items()}
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
