@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from archs import tiny
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import compress
-from compress.kernels import REFERENCE, choose, deploy
+from compress.kernels import REFERENCE, choose, deploy, sparse24_candidates
 from compress.kernels import reference as R
 from compress.nn import ArmorLinear, GQSALinear, QuantLinear, SparseQuantLinear
 from compress.nn.armor_linear import ArmorResult
@@ -28,6 +30,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tol(dtype) -> float:
+    """fp32 multiplies in ieee fp32; fp16 / bf16 round the rebuilt weight tile and the output
+    (bf16 to 8 mantissa bits: about 4e-3 relative), hence 1e-2."""
     return 1e-3 if dtype == torch.float32 else 1e-2
 
 
@@ -107,17 +111,26 @@ def _need_triton():
 CASES = [(4, 64, False), (4, 64, True), (4, None, False), (8, 32, False), (4, 48, True), (2, 16, False)]
 
 
+def _triton_vs_reference(m, x, bias):
+    """(Triton, reference) y for the module's storage: the 2:4 kernel for a SparseQuantLinear."""
+    from compress.kernels.quant_matmul import quant_matmul
+    from compress.kernels.sparse_quant_matmul import sparse24_quant_matmul
+    b, g = m.spec.bits, m.spec.group_size
+    xc, bc = x.cpu(), None if bias is None else bias.cpu()
+    if isinstance(m, SparseQuantLinear):
+        return (sparse24_quant_matmul(x, m.qweight, m.pattern, m.scales, m.qzeros, b, g, bias),
+                R.sparse24_quant_matmul(xc, m.qweight, m.pattern, m.scales, m.qzeros, b, g, bc))
+    return (quant_matmul(x, m.qweight, m.scales, m.qzeros, b, g, bias),
+            R.quant_matmul(xc, m.qweight, m.scales, m.qzeros, b, g, bc))
+
+
 @pytest.mark.parametrize("bits,group,sym", CASES)
 @pytest.mark.parametrize("M", [1, 5, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_quant_matmul_matches_reference(bits, group, sym, M, dtype):
     _need_triton()
-    from compress.kernels.quant_matmul import quant_matmul
     m = quant_module(40, 192, bits, group, sym).to(DEV)
-    x = torch.randn(M, 192).to(DEV, dtype)
-    bias = torch.randn(40).to(DEV, dtype)
-    want = R.quant_matmul(x.cpu(), m.qweight, m.scales, m.qzeros, bits, group, bias.cpu())
-    got = quant_matmul(x, m.qweight, m.scales, m.qzeros, bits, group, bias)
+    got, want = _triton_vs_reference(m, torch.randn(M, 192).to(DEV, dtype), torch.randn(40).to(DEV, dtype))
     assert got.dtype == dtype and got.shape == (M, 40)
     assert rel(got.cpu(), want) < tol(dtype)
 
@@ -127,12 +140,69 @@ def test_triton_quant_matmul_matches_reference(bits, group, sym, M, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_sparse24_quant_matmul_matches_reference(bits, group, sym, M, dtype):
     _need_triton()
-    from compress.kernels.sparse_quant_matmul import sparse24_quant_matmul
     m = quant_module(40, 192, bits, group, sym, sparse=True).to(DEV)   # 48 patterns: some straddle words
-    x = torch.randn(2, M, 192).to(DEV, dtype)
-    want = R.sparse24_quant_matmul(x.cpu(), m.qweight, m.pattern, m.scales, m.qzeros, bits, group)
-    got = sparse24_quant_matmul(x, m.qweight, m.pattern, m.scales, m.qzeros, bits, group)
+    got, want = _triton_vs_reference(m, torch.randn(2, M, 192).to(DEV, dtype), None)
     assert got.shape == (2, M, 40)
+    assert rel(got.cpu(), want) < tol(dtype)
+
+
+@pytest.fixture
+def bf16_dot(monkeypatch):
+    """Triton's interpreter keeps bf16 as its uint16 bits, and its tl.dot multiplies those
+    bits (bf16 is unsupported there: triton-lang/triton#11584). Under the interpreter, bf16
+    operands of tl.dot become fp32 first, as a GPU's bf16 MMA computes (exact products,
+    fp32 sums); the rest of the kernels' bf16 path (loads, casts, stores) runs as it is."""
+    if CUDA:
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as I
+
+    dot = I.InterpreterBuilder.create_dot
+
+    def fp32(h):                                # bf16 is the top half of an fp32
+        if h.dtype != tl.bfloat16:
+            return h
+        return I.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, *rest):
+        return dot(self, fp32(a), fp32(b), *rest)
+
+    monkeypatch.setattr(I.InterpreterBuilder, "create_dot", create_dot)
+
+
+# K = 100: the last group is short (100 = 3 * 32 + 4, or 64 + 36), so the last K-step is
+# partly outside K, and the codes of a row end in the middle of a word.
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (8, 32, True), (2, 64, False)])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("M", [1, 37])
+def test_triton_short_last_group_matches_reference(bits, group, sym, sparse, M, monkeypatch):
+    _need_triton()
+    import compress.kernels as K
+    m = quant_module(40, 100, bits, group, sym, sparse).to(DEV)
+    assert m.scales.shape[1] == -(-100 // group)
+    monkeypatch.setattr(K, "triton_available", lambda device: True)
+    assert choose(m, torch.device("cuda")) != REFERENCE            # deploy gives such a layer the kernel
+    got, want = _triton_vs_reference(m, torch.randn(M, 100).to(DEV, torch.float16), None)
+    assert got.shape == (M, 40)
+    assert rel(got.cpu(), want) < tol(torch.float16)
+
+
+# Off every tile of gemm.launch_shape: decode tiles are 16 x 32 (BM x BN), prefill 64 x 128
+# (M <= 64) or 128 x 128; the K-step is 32 for groups of 32, and K = 100 ends mid-step.
+@pytest.mark.parametrize("M,N", [(1, 136), (13, 40), (70, 136), (130, 40)])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_odd_shapes_and_bf16_match_reference(M, N, sparse, dtype, bf16_dot):
+    _need_triton()
+    from compress.kernels.gemm import launch_shape
+    K = 100
+    cfg = launch_shape(M, N, K, 32, torch.device(DEV))
+    assert M % cfg["BM"] and N % cfg["BN"] and K % cfg["BK"]
+    m = quant_module(N, K, 4, 32, False, sparse).to(DEV)
+    x = torch.randn(2, M, K).to(DEV, dtype)
+    got, want = _triton_vs_reference(m, x, torch.randn(N).to(DEV, dtype))
+    assert got.dtype == dtype and got.shape == (2, M, N)
     assert rel(got.cpu(), want) < tol(dtype)
 
 
@@ -220,6 +290,48 @@ def test_deploy_keeps_24_linears_dense_on_cpu(tiny_llama):
     assert deploy(tiny_llama, "cpu") == {}                  # no sparse tensor cores: plain nn.Linear stays
     from compress.nn.sparse_linear import SparseLinear
     assert not any(isinstance(m, SparseLinear) for m in tiny_llama.modules())
+
+
+def _prune_24(model) -> torch.nn.Module:
+    """Every nn.Linear of the model (lm_head too) made exact 2:4, in fp16."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(nm_mask(m.weight.abs(), 2, 4))
+    return model.half()
+
+
+def _layout_24(lin) -> bool:
+    """What deploy's check accepts on CUDA (fp16 / bf16, 64-multiple shape, exact 2:4), on any device."""
+    from compress.kernels.sparse24 import why_not_layout
+    return why_not_layout(lin.weight) is None
+
+
+@pytest.mark.parametrize("arch,prefix,n", [("llama", "model.layers.", 14), ("bloom", "transformer.h.", 8)])
+def test_sparse24_candidates_are_the_decoder_linears(arch, prefix, n):
+    """Bloom's blocks are transformer.h.N: a '.layers.' rule never found them."""
+    if arch == "llama":
+        model = tiny("llama", num_hidden_layers=2, num_key_value_heads=4)    # k/v 64 wide: 64-multiples
+    else:
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("bloom", vocab_size=128, hidden_size=64,
+                                                                      n_layer=2, n_head=4))
+    _prune_24(model)
+    names = sparse24_candidates(model, accepts=_layout_24)
+    assert len(names) == n and all(k.startswith(prefix) for k in names)
+    assert _layout_24(model.lm_head) and "lm_head" not in names         # outside the blocks: stays dense
+    first = model.get_submodule(names[0])
+    first.weight.data.fill_(1.0)                                        # dense again: not a candidate
+    assert sparse24_candidates(model, accepts=_layout_24) == names[1:]
+
+
+def test_sparse24_candidates_without_linears_or_blocks():
+    gpt2 = _prune_24(tiny("gpt2", n_layer=2))
+    assert sparse24_candidates(gpt2, accepts=lambda lin: True) == []     # Conv1D: SparseLinear takes nn.Linear
+    flat = _prune_24(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)))
+    assert sparse24_candidates(flat, accepts=_layout_24) == []           # no block list: nothing is guessed
+    holder = torch.nn.Module()                                          # a bare list of blocks (benchmarks)
+    holder.blocks = torch.nn.ModuleList(flat)
+    assert sparse24_candidates(holder, accepts=_layout_24) == ["blocks.0", "blocks.1"]
 
 
 # ----------------------------------------------------------------------------- CUDA only

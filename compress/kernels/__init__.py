@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections import Counter
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -73,10 +73,38 @@ def _is_24(linear: nn.Linear) -> bool:
     return why_not(linear.weight) is None
 
 
+def _decoder_prefix(model: nn.Module) -> Optional[str]:
+    """The name prefix of the decoder blocks' modules (compress.models.find_blocks), e.g.
+    "transformer.h." or "model.layers."; None when the model has no recognisable decoder
+    (e.g. a bare nn.Module without a list of blocks)."""
+    from compress.errors import CompressError
+    from compress.models import find_blocks
+
+    try:
+        prefix, _ = find_blocks(model)
+    except CompressError as e:
+        log.info("deploy: no decoder blocks, dense linears stay nn.Linear (%s)", e)
+        return None
+    return prefix + "."
+
+
+def sparse24_candidates(model: nn.Module, accepts: Callable[[nn.Linear], bool] = _is_24) -> list[str]:
+    """Names of the plain nn.Linear inside the decoder blocks that `accepts` takes (by
+    default: exact 2:4 and compressible on their device). Only the blocks: the head and
+    embeddings, vision towers and projectors stay dense. A model whose blocks cannot be
+    found gets none, rather than a guess at which of its linears are the decoder's.
+    GPT-2's Conv1D is not an nn.Linear: SparseLinear cannot take it, so it is never a candidate."""
+    prefix = _decoder_prefix(model)
+    if prefix is None:
+        return []
+    return [name for name, mod in model.named_modules()
+            if type(mod) is nn.Linear and name.startswith(prefix) and accepts(mod)]
+
+
 def deploy(model: nn.Module, device=None, dtype: Optional[torch.dtype] = None) -> dict:
     """Move `model` to `device` (default: CUDA if present) in `dtype` (default: fp16 on
     CUDA, unchanged on CPU) and pick each compressed layer's kernel. Exact 2:4 linears in
-    the decoder become SparseLinear where the device has sparse tensor cores.
+    the decoder blocks become SparseLinear where the device has sparse tensor cores.
     Returns {module name: kernel} for every compressed layer."""
     from compress.nn import PackedLinear
     from compress.nn.sparse_linear import SparseLinear
@@ -94,8 +122,9 @@ def deploy(model: nn.Module, device=None, dtype: Optional[torch.dtype] = None) -
                 from compress.kernels.armor import prepare
                 mod.kernel = prepare(mod, act)
             chosen[name] = mod.kernel
-        elif type(mod) is nn.Linear and ".layers." in name and device.type == "cuda" and _is_24(mod):
-            model.set_submodule(name, SparseLinear(mod))
+    if device.type == "cuda":                         # sparse tensor cores for plain 2:4 linears
+        for name in sparse24_candidates(model):
+            model.set_submodule(name, SparseLinear(model.get_submodule(name)))
             chosen[name] = SparseLinear.kernel
     for (cls, kernel), n in sorted(Counter((type(model.get_submodule(k)).__name__, v)
                                            for k, v in chosen.items()).items()):

@@ -16,14 +16,17 @@ Formats (see the runtime modules' docstrings for the bit layouts):
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from compress.packing import unpack_bits
 
-PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))   # kept slots of a 2:4 group, by pattern index
+# The 6 ways to keep 2 of 4: [6, 2] kept slots (p0 < p1) of a group of 4 inputs, by pattern
+# index, stored in PATTERN_BITS bits. The one definition: SparseQuantLinear packs with it,
+# and the Triton kernel's _pair decodes it arithmetically (tests hold the two together).
+PAIRS = torch.tensor(list(itertools.combinations(range(4), 2)))
 PATTERN_BITS = 3
 
 
@@ -76,11 +79,12 @@ def sparse24_codes(qweight: torch.Tensor, pattern: torch.Tensor, bits: int, d_in
     out = qweight.shape[0]
     kept_codes = unpack_bits(qweight.cpu(), bits, d_in // 2)                     # [out, in/2]
     idx = unpack_bits(pattern.cpu(), PATTERN_BITS, d_in // 4)                    # [out, in/4]
+    slots = PAIRS[idx.long()]                                                    # [out, in/4, 2]
     codes = torch.zeros(out, d_in, dtype=torch.uint8)
     kept = torch.zeros(out, d_in, dtype=torch.bool)
     for q in range(d_in // 4):                  # group of 4 inputs q keeps slots PAIRS[idx]
         for t in range(2):
-            col = 4 * q + torch.tensor([PAIRS[int(i)][t] for i in idx[:, q]])
+            col = 4 * q + slots[:, q, t]
             codes[torch.arange(out), col] = kept_codes[:, 2 * q + t]
             kept[torch.arange(out), col] = True
     return codes, kept
@@ -102,8 +106,3 @@ def armor_matmul(x: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Ten
         return torch.block_diag(*blocks.float().cpu())
     W = blockdiag(A) @ S.float().cpu() @ blockdiag(B)
     return _linear(x, W.to(x.device), bias)
-
-
-def linear(x: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The dense baseline every kernel is timed against: y = x W^T (cuBLAS on CUDA)."""
-    return F.linear(x, W, bias)

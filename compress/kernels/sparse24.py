@@ -19,6 +19,11 @@ def why_not(W: torch.Tensor) -> Optional[str]:
     """None if W can be compressed for the sparse tensor cores, else the reason."""
     if W.device.type != "cuda":
         return "needs a CUDA device"
+    return why_not_layout(W)
+
+
+def why_not_layout(W: torch.Tensor) -> Optional[str]:
+    """`why_not` without the device: dtype, shape and the 2:4 pattern, checkable on CPU."""
     if W.dtype not in (torch.float16, torch.bfloat16):
         return f"needs fp16 or bf16 weights, not {W.dtype}"
     out, d_in = W.shape

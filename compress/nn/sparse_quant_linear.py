@@ -20,13 +20,11 @@ from typing import Optional
 
 import torch
 
+from compress.kernels.reference import PAIRS, PATTERN_BITS   # [6, 2] the ways to keep 2 of 4
 from compress.nn.base import runtime
 from compress.nn.quant_linear import QuantLinear
 from compress.packing import pack_bits, packed_words, unpack_bits
 from compress.quantize import SCALE_DTYPE, QuantResult, column_groups
-
-PAIRS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])   # the 6 ways to keep 2 of 4
-PATTERN_BITS = 3
 
 
 def pattern_of(keep: torch.Tensor) -> torch.Tensor:

@@ -33,17 +33,16 @@ is at most the loss at the start: the paper's guarantee.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from compress.errors import CompressError
+from compress.kernels.reference import PAIRS   # [6, 2] the two-of-four supports
 from compress.nn.armor_linear import ArmorResult, FACTOR_DTYPE, factor_product
 from compress.passes.base import Layer, PassConfig, nm_mask, register
 
-PAIRS = torch.tensor(list(itertools.combinations(range(4), 2)))        # [6, 2] two-of-four supports
 PRESETS = {"default": 100, "fast": 30}                                  # iterations
 
 
