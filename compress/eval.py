@@ -209,11 +209,17 @@ def evaluate(model, windows: torch.LongTensor, batch_size: int = 4,
 
     Returns {"ppl", "nll" (mean per predicted token), "tokens" (predicted tokens,
     n * (seqlen-1)), "windows"} plus {"kl", "top1"} when `reference` is given.
-    `record` stores this model's log-probs for later comparisons.
+    `record` stores this model's log-probs for later comparisons. `device`: where the
+    model is evaluated (moved there and back; default: where its parameters are).
     """
     windows = _check_windows(windows)
     n, seqlen = windows.shape
-    device = torch.device(device) if device is not None else _device_of(model)
+    # The model runs where `device` says (default: where it is) and goes back home after,
+    # so the caller's model stays where it was; the token ids follow the model.
+    home = _device_of(model)
+    device = torch.device(device) if device is not None else home
+    if device != home:
+        model.to(device)
     nll_sum = kl_sum = 0.0   # python floats: fp64 accumulation over many tokens
     tokens = agree = 0
     was_training = getattr(model, "training", False)
@@ -242,6 +248,8 @@ def evaluate(model, windows: torch.LongTensor, batch_size: int = 4,
                 del logits, out
     finally:
         model.train(was_training)
+        if device != home:
+            model.to(home)
     return _summary(nll_sum, kl_sum, tokens, agree, n, reference is not None, desc)
 
 

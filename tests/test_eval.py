@@ -85,6 +85,21 @@ def test_ppl_matches_manual_gptq_loop(tiny_llama, tiny_tokenizer):
     assert 0.5 * len(tiny_tokenizer) < manual < 2 * len(tiny_tokenizer)
 
 
+def test_the_model_is_evaluated_on_the_device_asked_for_and_goes_back(tiny_llama, monkeypatch):
+    # CPU is the only real device here: the model is made to look as if it lived on
+    # `meta`, and its moves are recorded. On CUDA that is `runner.device: cuda` with a
+    # model loaded on the CPU: the model must move with the token ids, then go back.
+    import compress.eval as ev
+
+    moves, seen = [], []
+    monkeypatch.setattr(ev, "_device_of", lambda m: torch.device("meta"))
+    monkeypatch.setattr(tiny_llama, "to", lambda device: moves.append(torch.device(device)) or tiny_llama)
+    tiny_llama.model.embed_tokens.register_forward_pre_hook(lambda m, a: seen.append((moves[:], a[0].device)))
+    evaluate(tiny_llama, _random_windows(n=2, vocab=300), batch_size=2, device="cpu")
+    assert seen == [([torch.device("cpu")], torch.device("cpu"))]   # moved before the forward, ids with it
+    assert moves == [torch.device("cpu"), torch.device("meta")]       # and back home after
+
+
 def test_low_precision_model_is_scored_in_fp32(tiny_llama, tiny_tokenizer):
     windows = eval_windows(tiny_tokenizer, TEXT, seqlen=32, max_windows=4)
     ppl32 = evaluate(tiny_llama, windows)["ppl"]
