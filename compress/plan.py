@@ -9,7 +9,10 @@ Memory, per the runner's loop (compress/runner.py):
                 loading, the file's pages and the tensors are partly both resident
     activations calibration hidden states, nsamples x seqlen x d_model in the compute
                 dtype, once (twice when a block pass keeps the dense block's outputs)
-    statistics  per distinct linear input: X^T X in fp32 (d_in^2) for SparseGPT / GPTQ
+    statistics  per distinct linear input (found by a forward on the meta device): X^T X
+                in fp32 (d_in^2) for SparseGPT / GPTQ, and the fp64 sums
+    block       the fp32 masters and two fp32 working copies of every linear of the block,
+                and the block in the compute dtype beside the model's own
     workspace   the largest layer's pass: fp32 copies of W and, with X^T X, H^-1
 
 Time: calibration forwards (2 flops per weight per token, about three forwards of every
@@ -19,11 +22,15 @@ token. It is an estimate: the report of a real run has the measured figures.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
+from compress.models import get_weight
 from compress.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 MiB = 2 ** 20
 # Calibrated on SmolLM2-shaped runs on this project's CPU machine (benchmarks/memory.py,
@@ -59,10 +66,49 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) 
     return 2 * 1024 ** 3 * n / (time.perf_counter() - t0)
 
 
+def block_inputs(model, blocks) -> tuple[int, list[list[int]]]:
+    """(d_model, per block the input size of each distinct linear input), found the way
+    the runner finds them: one forward of the meta model (no memory, no math) with
+    hooks on every block's linears, layers reading the very same tensor sharing an
+    input (q/k/v -> 1, o -> 1, gate/up -> 1, down -> 1 for LLaMA). bf16 because some
+    fused-expert kernels refuse fp32 on meta. If the model cannot run on meta, every
+    linear counts as its own input (an upper bound)."""
+    from compress.models import block_linears
+
+    seen: list[dict] = [{} for _ in blocks]
+    d = []
+    def width(m, args, kwargs):
+        d.append((args[0] if args else kwargs["hidden_states"]).shape[-1])
+
+    hooks = [blocks[0].register_forward_pre_hook(width, with_kwargs=True)]
+    def record(i, n):
+        def hook(m, args, out):   # returns None: the output stays as it is
+            seen[i].setdefault(n, args[0])
+        return hook
+
+    for i, b in enumerate(blocks):
+        for n, m in block_linears(b).items():
+            hooks.append(m.register_forward_hook(record(i, n)))
+    try:
+        with torch.no_grad():
+            model.to(torch.bfloat16)(torch.zeros(1, 8, dtype=torch.long, device="meta"))
+    except Exception as e:   # noqa: BLE001 - a model code path that needs real data
+        log.warning("plan: the model does not run on the meta device (%s); counting every linear as its own "
+                    "input", e)
+        seen = []
+    finally:
+        for h in hooks:
+            h.remove()
+    if seen and all(s for s in seen):
+        return d[0], [list({id(t): t.shape[-1] for t in s.values()}.values()) for s in seen]
+    d_model = model.get_input_embeddings().weight.shape[-1]
+    return d_model, [[get_weight(m).shape[1] for m in block_linears(b).values()] for b in blocks]
+
+
 def plan(recipe: Recipe) -> dict:
     """{'host_mib', 'device_mib', 'seconds', ...} for a validated recipe."""
     from compress.api import as_configs, stages
-    from compress.models import block_linears, find_blocks, get_weight
+    from compress.models import block_linears, find_blocks
     from compress.runner import fast_dtype
 
     model = _meta_model(recipe.model)
@@ -79,17 +125,22 @@ def plan(recipe: Recipe) -> dict:
     sweeps = [s for s in stages(configs) if isinstance(s, list)]
     xtx = any(c.needs_xtx for c in configs)
     keeps_targets = any(c.name in ("armor", "gqsa", "perp") and not c.model_level for c in configs)
-    n, T, d = recipe.calib.nsamples, recipe.calib.seqlen, model.config.get_text_config().hidden_size
     lins = [{k: tuple(get_weight(m).shape) for k, m in block_linears(b).items()} for b in blocks]   # (out, in)
-    # layers reading one tensor share their statistics: approximated as one input per
-    # (parent module, input size), e.g. q/k/v/o -> 1, gate/up -> 1, down -> 1 for LLaMA
-    inputs = [{(k.rpartition(".")[0], shape[1]) for k, shape in lin.items()} for lin in lins]
+    n, T = recipe.calib.nsamples, recipe.calib.seqlen
+    d, inputs = block_inputs(model, blocks)
     acts = n * T * d * cbytes * (2 if keeps_targets else 1)
-    stats = max(sum(i * i * 4 if xtx else 3 * i * 4 for _, i in inp) for inp in inputs)
+    # InputStats per distinct input: fp64 sum and sum of squares, fp32 X^T X
+    stats = max(sum(2 * i * 8 + (i * i * 4 if xtx else 0) for i in inp) for inp in inputs)
     work = max((o * i * 4 * 3 + (2 * i * i * 4 if xtx else 0) for lin in lins for o, i in lin.values()), default=0)
     weights_host = (rest + per_block) * wbytes if recipe.runner.offload else total * wbytes
-    block_dev = per_block * (4 + cbytes)       # fp32 masters and the compute-dtype copy
-    run_peak = weights_host + (0 if device.type == "cuda" else acts + stats + work + block_dev)
+    # Per block: the fp32 masters and each layer's two fp32 working copies (Layer.W,
+    # W_dense) of its linears, plus the block in the compute dtype when that differs
+    # from the model's (run_in_dtype keeps the original beside it).
+    lin_params = max(sum(o * i for o, i in lin.values()) for lin in lins)
+    other = cdtype != getattr(torch, recipe.dtype)
+    block_host = lin_params * 12 + (per_block * cbytes if other else 0)
+    block_dev = block_host + per_block * wbytes   # on a GPU the block itself is a copy too
+    run_peak = weights_host + (0 if device.type == "cuda" else acts + stats + work + block_host)
     load_peak = int(LOAD_COPIES * ((rest + per_block) if recipe.runner.offload else total) * wbytes)
     host = BASE_MIB * MiB + max(run_peak, load_peak)
     dev = rest * wbytes + block_dev + acts + stats + work if device.type == "cuda" else 0
@@ -102,7 +153,8 @@ def plan(recipe: Recipe) -> dict:
     return {"model": recipe.model, "parameters": total, "blocks": len(blocks), "block_parameters": per_block,
             "device": str(device), "compute_dtype": str(cdtype).replace("torch.", ""), "offload": recipe.runner.offload,
             "activations_mib": acts / MiB, "statistics_mib": stats / MiB, "workspace_mib": work / MiB,
-            "host_mib": host / MiB, "device_mib": dev / MiB, "matmul_gflops": rate / 1e9, "seconds": seconds}
+            "block_mib": block_host / MiB, "host_mib": host / MiB, "device_mib": dev / MiB,
+            "matmul_gflops": rate / 1e9, "seconds": seconds}
 
 
 def table(p: dict) -> str:

@@ -13,14 +13,33 @@ def _recipe(model_dir, **runner):
                          "calib": {"source": "c4", "nsamples": 16, "seqlen": 64}, "runner": runner})
 
 
-def test_plan_counts_by_hand(tmp_path, tiny_llama):
+def test_plan_counts_what_a_real_run_holds(tmp_path, tiny_llama, monkeypatch):
+    import copy
+
+    import torch
+
+    import compress
+    from compress.models import block_linears, find_blocks, get_weight
+    from compress.stats import InputStats
+
     tiny_llama.save_pretrained(tmp_path / "m")
     p = plan(_recipe(tmp_path / "m", compute_dtype="float32", device="cpu"))
     assert p["blocks"] == 2 and p["parameters"] == sum(t.numel() for t in tiny_llama.parameters())
-    # hidden 64, intermediate 128: 16 x 64 tokens x 64 x 4 bytes of activations
+    # hidden 64: 16 x 64 tokens x 64 x 4 bytes of activations
     assert p["activations_mib"] == 16 * 64 * 64 * 4 / 2 ** 20
-    # X^T X per input: q/k/v/o (64), gate/up (64), down (128)
-    assert p["statistics_mib"] == (64 * 64 + 64 * 64 + 128 * 128) * 4 / 2 ** 20
+    # Statistics: the bytes of the InputStats objects a real run of the recipe makes.
+    made = []
+    init = InputStats.__init__
+    monkeypatch.setattr(InputStats, "__init__", lambda self, *a, **k: (init(self, *a, **k), made.append(self))[0])
+    compress.run(copy.deepcopy(tiny_llama), [compress.SparseGPT(pattern="2:4")], calib=torch.randint(3, 300, (2, 16)),
+                 compute_dtype="float32")
+    nbytes = sum(t.numel() * t.element_size() for s in made for t in (s.sum, s.sumsq, s.xtx))
+    assert len(made) == 2 * 4   # q/k/v, o, gate/up, down in each block
+    assert p["statistics_mib"] == nbytes / 2 / 2 ** 20
+    # The block: fp32 masters and two fp32 working copies of each linear (fp32 forwards:
+    # no second copy of the block)
+    lin = sum(get_weight(m).numel() for m in block_linears(find_blocks(tiny_llama)[1][0]).values())
+    assert p["block_mib"] == lin * 12 / 2 ** 20
     assert p["host_mib"] > BASE_MIB and p["device_mib"] == 0 and p["seconds"] > 0
 
 
