@@ -37,12 +37,27 @@ def test_row_sparsity_exact():
     assert ((got == 0).sum(1) == 30).all()
 
 
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_pruned_count_rounds_not_truncates(scope):
+    # 360 * 0.7 = 251.99999999999997 in floating point: truncation would prune 251
+    W = torch.randn(2, 360, generator=torch.Generator().manual_seed(3))
+    got = apply("magnitude", W, None, sparsity=0.7, scope=scope)
+    assert int((got == 0).sum()) == 2 * 252
+
+
+def test_pruned_count_rule():
+    from compress.passes.base import pruned_count
+
+    assert [pruned_count(n, s) for n, s in [(360, 0.7), (10, 0.25), (10, 0.35), (9, 0.5), (7, 0.5)]] == [252, 2, 4, 4, 4]
+
+
 @pytest.mark.parametrize("args,field", [
     ({"sparsity": 1.0}, "magnitude.sparsity"),
     ({"sparsity": -0.1}, "magnitude.sparsity"),
     ({"pattern": "3:2"}, "magnitude.pattern"),
     ({"pattern": "2:4", "sparsity": 0.7}, "magnitude.sparsity"),
     ({"scope": "column"}, "magnitude.scope"),
+    ({"pattern": "2:4", "scope": "layer"}, "magnitude.scope"),   # N:M ranks within a row's groups
     ({"sparsty": 0.5}, "sparsty"),
 ])
 def test_bad_arguments_name_the_field(args, field):

@@ -200,12 +200,16 @@ class SparsityConfig(PassConfig):
               1 - N/M and may be left out.
     pattern   'unstructured' or 'N:M' (keep N of every M consecutive inputs).
     scope     'row' ranks weights within each output row (Wanda's comparison group),
-              'layer' ranks the whole matrix at once (unstructured only).
+              'layer' ranks the whole matrix at once (unstructured only: an N:M
+              pattern always ranks within its groups of M inputs of a row). Left out:
+              the pass's own default (`default_scope`).
     """
 
     sparsity: Optional[float] = None
     pattern: str = "unstructured"
-    scope: str = "row"
+    scope: Optional[str] = None
+
+    default_scope = "row"   # class-level: the scope when the recipe sets none
 
     def validate(self) -> None:
         super().validate()
@@ -216,12 +220,20 @@ class SparsityConfig(PassConfig):
             if nm and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
                 raise CompressError(
                     f"{self.name}.sparsity: pattern {self.pattern} fixes sparsity at {1 - nm[0] / nm[1]:g}, got {self.sparsity}")
-        if self.scope not in ("row", "layer"):
+        if self.scope is not None and self.scope not in ("row", "layer"):
             raise CompressError(f"{self.name}.scope: expected 'row' or 'layer', got {self.scope!r}")
+        if nm and self.scope == "layer":
+            raise CompressError(f"{self.name}.scope: pattern {self.pattern} ranks within groups of {nm[1]} inputs "
+                                f"of a row; scope 'layer' is for unstructured sparsity only")
 
     @property
     def nm(self) -> Optional[tuple[int, int]]:
         return parse_pattern(self.pattern, f"{self.name}.pattern")
+
+    @property
+    def rank_scope(self) -> str:
+        """The scope unstructured pruning ranks in: the recipe's, else the pass's default."""
+        return self.scope or self.default_scope
 
     def check_layer(self, name: str, out: int, d_in: int) -> None:
         if self.nm:
@@ -257,16 +269,25 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(out, d_in)
 
 
+def pruned_count(n: int, sparsity: float) -> int:
+    """How many of n weights (or groups) a sparsity prunes: the nearest integer to
+    n * sparsity, exact halves to the even count (Python's round). Every pass uses this
+    one rule; truncating instead would prune 251 of 360 at 0.7, since 360 * 0.7 is
+    251.99999999999997 in floating point."""
+    return round(n * sparsity)
+
+
 def topk_mask(score: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
     """Prune the lowest `sparsity` fraction of scores per row ('row') or over the whole
-    matrix ('layer'). Ties are broken by index, so exactly that count is pruned."""
+    matrix ('layer'), `pruned_count` of them. Ties are broken by index, so exactly that
+    count is pruned."""
     if scope == "row":
-        k = int(score.shape[1] * sparsity)
+        k = pruned_count(score.shape[1], sparsity)
         drop = score.argsort(dim=1, stable=True)[:, :k]
         keep = torch.ones_like(score, dtype=torch.bool)
         keep.scatter_(1, drop, False)
         return keep
-    k = int(score.numel() * sparsity)
+    k = pruned_count(score.numel(), sparsity)
     keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     keep[score.flatten().argsort(stable=True)[:k]] = False
     return keep.reshape(score.shape)
@@ -280,4 +301,4 @@ def prune_by_score(score: torch.Tensor, cfg: SparsityConfig, layer: Layer) -> to
         check_nm_fits(layer.name, score.shape[1], nm)
         layer.nm = nm
         return nm_mask(score, *nm)
-    return topk_mask(score, cfg.target_sparsity, cfg.scope)
+    return topk_mask(score, cfg.target_sparsity, cfg.rank_scope)

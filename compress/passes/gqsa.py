@@ -12,8 +12,8 @@ with the rest of the row optimally re-fitted, is the OBS saliency of a set of we
 
     eps_iG = w_iG^T [(H^-1)_GG]^-1 w_iG,     H = (2/n) X X^T   (damped)
 
-and each row drops its floor(sparsity * n_groups) least salient groups. GPTQ then
-quantizes the kept groups and compensates for the pruned ones (`quant.gptq` with the
+and each row drops its round(sparsity * n_groups) least salient groups (`pruned_count`).
+GPTQ then quantizes the kept groups and compensates for the pruned ones (`quant.gptq` with the
 mask; `method: rtn` skips the compensation).
 
 Block stage, BQPO ("block quantization-pruning optimization", Sec. 3.2): with the
@@ -40,7 +40,7 @@ from torch import nn
 from compress.errors import CompressError
 from compress.linalg import handle_dead_inputs, inverse_cholesky
 from compress.nn.gqsa_linear import GroupSparseResult
-from compress.passes.base import BlockContext, Layer, register, register_block
+from compress.passes.base import BlockContext, Layer, pruned_count, register, register_block
 from compress.passes.quant import QuantConfig, gptq
 from compress.quantize import QuantSpec, grouped, round_scale, rtn
 
@@ -50,7 +50,7 @@ class GQSAConfig(QuantConfig):
     """Quantization fields as in `quant` (bits, group_size, symmetric, method,
     clip_search, blocksize, percdamp; groups stay contiguous, so act_order needs
     static_groups; all three default to off here), plus
-    sparsity  fraction of each row's groups pruned (floor per row)
+    sparsity  fraction of each row's groups pruned (rounded per row: `pruned_count`)
     epochs    BQPO passes over the calibration batches (0: one-shot only)
     lr        Adam learning rate of the latent weights; lr_quant: of scales and zero points
     seed      order of the batches in BQPO"""
@@ -115,7 +115,7 @@ def gqsa(layer: Layer, cfg: GQSAConfig) -> None:
     H = layer.stats.hessian().to(W.device)
     eps = group_saliency(W, H, spec, cfg.percdamp, layer.name, layer.info)          # [out, G]
     keep_groups = torch.zeros_like(eps, dtype=torch.bool)
-    keep_groups.scatter_(1, eps.topk(G - int(G * cfg.sparsity), dim=1).indices, True)
+    keep_groups.scatter_(1, eps.topk(G - pruned_count(G, cfg.sparsity), dim=1).indices, True)
     keep = grouped(keep_groups[..., None].expand(-1, -1, spec.group_size).reshape(W.shape[0], -1), spec)
     keep = keep.reshape(W.shape[0], -1)[:, :W.shape[1]] & (W != 0)  # an earlier pass's zeros stay zero
     if cfg.method == "rtn":

@@ -33,7 +33,7 @@ class SparseGPTConfig(SparsityConfig):
     """blocksize: columns per lazy-update block; percdamp: damping lambda as a fraction
     of mean(diag H), grown tenfold on a failed Cholesky."""
 
-    scope: str = "layer"
+    default_scope = "layer"   # the paper's rule (class-level, not a YAML field)
     blocksize: int = 128
     percdamp: float = 0.01
 
@@ -78,7 +78,7 @@ def sparsegpt(layer: Layer, cfg: SparseGPTConfig) -> None:
         prune = already_zero[:, i1:i2].clone()            # [out, b] True = pruned
         if not nm:
             saliency = W1.square() / d.square()[None, :]
-            prune |= ~topk_mask(saliency, cfg.target_sparsity, cfg.scope)
+            prune |= ~topk_mask(saliency, cfg.target_sparsity, cfg.rank_scope)
         for i in range(i2 - i1):
             if nm and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
