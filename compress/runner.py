@@ -138,25 +138,28 @@ def input_groups(stats: dict[str, InputStats]) -> list[list[str]]:
 
 
 @torch.no_grad()
-def compress_linear(name: str, module: nn.Module, master: torch.Tensor, stats: Optional[InputStats],
-                    sweep: list[PassConfig]) -> Layer:
-    """Run every layer pass of the sweep that targets this layer on a copy of its fp32
-    master weight [out, in]; the module gets the result (in its compute dtype) at once,
-    for the statistics and forwards that follow."""
-    layer = Layer(name, master.clone(), master.clone(), stats)
+def compress_linear(layer: Layer, module: nn.Module, stats: Optional[InputStats], cfgs: list[PassConfig]) -> None:
+    """Run the layer passes `cfgs` that target this layer on its fp32 working weight
+    layer.W [out, in]; the module gets the result (in its compute dtype) at once, for
+    the statistics and forwards that follow."""
+    layer.stats = stats if stats is not None else layer.stats
     t0 = time.perf_counter()
-    for cfg in sweep:
-        if cfg.applies_to(name):
+    for cfg in cfgs:
+        if cfg.applies_to(layer.name):
             pass_fn(cfg)(layer, cfg)
             if not torch.isfinite(layer.W).all():
-                raise FloatingPointError(f"{name}: non-finite weights after pass {cfg.name}")
-    layer.info["seconds"] = round(time.perf_counter() - t0, 4)
+                raise FloatingPointError(f"{layer.name}: non-finite weights after pass {cfg.name}")
+    layer.info["seconds"] = round(layer.info.get("seconds", 0.0) + time.perf_counter() - t0, 4)
     set_weight(module, layer.W)
-    return layer
 
 
 def finish_linear(layer: Layer, module: nn.Module, master: torch.Tensor, sweep: list[PassConfig]) -> dict:
-    """Write the layer's final weight to its master and module; return its report row."""
+    """Write the layer's final weight to its master and module; return its report row.
+    A packed layer must compute exactly what the block was propagated with: its
+    dequantized weight is checked against layer.W."""
+    if layer.packed is not None and not torch.equal(layer.packed.dequantize().float(), layer.W):
+        raise RuntimeError(f"{layer.name}: the packed weight differs from the weight the block was calibrated "
+                           f"and propagated with (a pass changed the weight after packing it)")
     master.copy_(layer.W)
     set_weight(module, layer.W)
     rel = layer.stats.relative_error(layer.W_dense, layer.W) if layer.stats is not None else None
@@ -170,43 +173,80 @@ def _check_finite(hidden: torch.Tensor, where: str) -> None:
         raise FloatingPointError(f"non-finite activations at the output of {where}")
 
 
+def segments(sweep: list[PassConfig]) -> list[list[PassConfig]]:
+    """The sweep cut after every pass with a block function, so that passes run in
+    recipe order: [wanda, perp(reconstruct), quant] -> [[wanda, perp], [quant]]. Each
+    segment runs its layer passes, then its last pass's block function (GQSA's one-shot
+    layer stage is followed by its own BQPO in the same segment)."""
+    out: list[list[PassConfig]] = [[]]
+    for cfg in sweep:
+        out[-1].append(cfg)
+        if cfg.name in BLOCK_FNS:
+            out.append([])
+    return [seg for seg in out if seg]
+
+
+def _stats_forward(cfgs: list[PassConfig], linears: dict) -> bool:
+    """Whether the layer stage of `cfgs` runs a statistics forward over the block."""
+    return any(c.needs_stats for c in cfgs) and any(c.applies_to(n) for c in cfgs for n in linears)
+
+
 @torch.no_grad()
-def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput], sweep: list[PassConfig],
-                   device, true_sequential: bool, act_device=None, dtype=None) -> tuple[list[dict], dict]:
-    """Statistics, layer passes, block passes and report rows for one block (already on
-    `device`). linears {qualified name: module} are the targeted layers, masters their
-    fp32 weights [out, in]. Returns (report rows, {name: packed form} of packing passes)."""
-    want_stats = any(c.needs_stats for c in sweep)
-    want_xtx = any(c.needs_xtx for c in sweep)
-    block_cfgs = [c for c in sweep if c.name in BLOCK_FNS]
-    targets = [] if block_cfgs else None  # the dense block's outputs, for block passes
-    if not want_stats:
-        if targets is not None:  # block passes compare with the dense block's outputs
-            targets += [forward_block(block, inp, device).to(act_device) for inp in inputs]
-        layers = {n: compress_linear(n, m, masters[n], None, sweep) for n, m in linears.items()}
+def _layer_stage(block, linears: dict, layers: dict, cfgs: list[PassConfig], inputs: list[BlockInput], device,
+                 true_sequential: bool, targets: Optional[list] = None, act_device=None) -> None:
+    """Statistics of the block as it stands, then the layer passes `cfgs` on `layers`.
+    With `targets` (a list), the first statistics forward also appends the block's
+    outputs to it (the dense block's, for block passes)."""
+    mine = {n: m for n, m in linears.items() if any(c.applies_to(n) for c in cfgs)}
+    want_xtx = any(c.needs_xtx for c in cfgs)
+    if not _stats_forward(cfgs, linears):
+        for n, m in mine.items():
+            compress_linear(layers[n], m, None, cfgs)
     elif not true_sequential:
-        stats = collect_stats(block, linears, inputs, want_xtx, device, outputs=targets, act_device=act_device)
-        _check_observed(linears, stats)
-        layers = {n: compress_linear(n, m, masters[n], stats[n], sweep) for n, m in linears.items()}
+        stats = collect_stats(block, mine, inputs, want_xtx, device, outputs=targets, act_device=act_device)
+        _check_observed(mine, stats)
+        for n, m in mine.items():
+            compress_linear(layers[n], m, stats[n], cfgs)
     else:
         # true_sequential: re-collect statistics before each group of layers that share
         # an input, so that o_proj calibrates on the output of the compressed q/k/v.
-        if targets is not None:
-            targets += [forward_block(block, inp, device).to(act_device) for inp in inputs]
-        first = collect_stats(block, linears, inputs, False, device, max_batches=1)
-        _check_observed(linears, first)
-        groups = input_groups(first)
-        layers = {}
-        for group in groups:
+        first = collect_stats(block, mine, inputs, False, device, max_batches=1)
+        _check_observed(mine, first)
+        for group in input_groups(first):
             sub = {n: linears[n] for n in group}
-            stats = collect_stats(block, sub, inputs, want_xtx, device)
-            layers.update({n: compress_linear(n, m, masters[n], stats[n], sweep) for n, m in sub.items()})
-    for cfg in block_cfgs:
+            if sub:
+                stats = collect_stats(block, sub, inputs, want_xtx, device)
+                for n, m in sub.items():
+                    compress_linear(layers[n], m, stats[n], cfgs)
+
+
+@torch.no_grad()
+def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput], sweep: list[PassConfig],
+                   device, true_sequential: bool, act_device=None, dtype=None) -> tuple[list[dict], dict]:
+    """Statistics, layer passes, block passes (in recipe order, `segments`) and report
+    rows for one block (already on `device`). linears {qualified name: module} are the
+    targeted layers, masters their fp32 weights [out, in]. Returns (report rows,
+    {name: packed form} of packing passes)."""
+    layers = {n: Layer(n, masters[n].clone(), masters[n].clone(), None) for n in linears}
+    targets = None   # the dense block's outputs, for block passes
+    share = False    # whether the first statistics forward records them
+    if any(c.name in BLOCK_FNS for c in sweep):
+        targets = []
+        first = segments(sweep)[0]
+        share = not true_sequential and _stats_forward(first, linears)
+        if not share:
+            targets += [forward_block(block, inp, device).to(act_device) for inp in inputs]
+    for k, seg in enumerate(segments(sweep)):
+        _layer_stage(block, linears, layers, seg, inputs, device, true_sequential,
+                     targets if share and k == 0 else None, act_device)
+        cfg = seg[-1]
         mine = [n for n in linears if cfg.applies_to(n)]
-        if mine:
+        if cfg.name in BLOCK_FNS and mine:
             ctx = BlockContext(block, {n: layers[n] for n in mine}, {n: linears[n] for n in mine},
                                inputs, targets, device, dtype)
             BLOCK_FNS[cfg.name](ctx, cfg)
+            for n in mine:   # what later segments and the propagation see
+                set_weight(linears[n], layers[n].W)
     rows = [finish_linear(layers[n], m, masters[n], sweep) for n, m in linears.items()]
     return rows, {n: L.packed for n, L in layers.items() if L.packed is not None}
 

@@ -118,18 +118,35 @@ def test_lr_schedule_by_hand():
     assert lr_factor(cfg, 10)(5) == pytest.approx(0.5) and lr_factor(cfg, 10)(0) == 1.0
 
 
-def _pruned_run(model, tokenizer, tmp_path, perp: dict, steps=None):
+def _calib(tmp_path):
+    from calib import CalibConfig
     path = tmp_path / "train.txt"
     path.write_text(TEXT)
-    from calib import CalibConfig
-    calib = CalibConfig(source="text", path=str(path), nsamples=4, seqlen=32, seed=0)
-    return compress.run(model, [compress.Wanda(pattern="2:4"), {"perp": perp}], calib=calib, tokenizer=tokenizer,
-                        batch_size=2)
+    return CalibConfig(source="text", path=str(path), nsamples=4, seqlen=32, seed=0)
+
+
+def _pruned_run(model, tokenizer, tmp_path, perp: dict, steps=None):
+    return compress.run(model, [compress.Wanda(pattern="2:4"), {"perp": perp}], calib=_calib(tmp_path),
+                        tokenizer=tokenizer, batch_size=2)
 
 
 def test_end_to_end_retrain_keeps_2of4_and_lowers_the_loss(tiny_llama, tiny_tokenizer, tmp_path):
+    import copy
+
+    # The same Wanda sweep without PERP: the weights PERP starts from.
+    pruned, _ = compress.run(copy.deepcopy(tiny_llama), [compress.Wanda(pattern="2:4")], tokenizer=tiny_tokenizer,
+                             calib=_calib(tmp_path), batch_size=2)
     perp = {"train": ["norm", "masklora"], "rank": 4, "steps": 30, "lr": 1e-2, "batch_size": 4, "warmup": 0.0}
     _, report = _pruned_run(tiny_llama, tiny_tokenizer, tmp_path, perp)
+    start = dict(pruned.named_parameters())
+    for n, p in tiny_llama.named_parameters():
+        trained = "norm" in n or ("layers." in n and n.endswith("proj.weight"))   # norms and MaskLoRA'd linears
+        if trained and p.dim() == 2:   # merged MaskLoRA: changed, on exactly the kept weights
+            assert torch.equal(p != 0, start[n] != 0) and not torch.equal(p, start[n]), n
+        elif trained:
+            assert not torch.equal(p, start[n]), n
+        else:   # embeddings and the head were not trained: bit for bit as Wanda left them
+            assert torch.equal(p, start[n]), n
     masks = {n: get_weight(m) != 0 for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear)}
     for b in find_blocks(tiny_llama)[1]:
         for m in block_linears(b).values():
@@ -145,6 +162,40 @@ def test_end_to_end_retrain_keeps_2of4_and_lowers_the_loss(tiny_llama, tiny_toke
     for n, m in loaded.named_modules():
         if n in masks:
             assert torch.equal(get_weight(m) != 0, masks[n]), n
+
+
+def test_rejected_reconstruct_leaves_every_weight_bit_identical(tiny_llama):
+    # PERP alone on a dense model: the block already matches its dense outputs, so no
+    # fit can lower the error and every block's fit is rejected. The forwards run in
+    # bf16, the masters are fp32: nothing may come back rounded.
+    before = {n: t.clone() for n, t in tiny_llama.state_dict().items()}
+    perp = {"mode": "reconstruct", "train": ["masklora"], "rank": 4, "steps": 3, "lr": 1e-2}
+    _, report = compress.run(tiny_llama, [{"perp": perp}], calib=torch.randint(3, 300, (4, 32)),
+                             compute_dtype="bfloat16")
+    rows = [r for r in report["layers"] if "perp_loss" in r]
+    assert rows and all(r["perp_loss"][1] == r["perp_loss"][0] for r in rows)   # rejected everywhere
+    for n, t in tiny_llama.state_dict().items():
+        assert t.dtype == before[n].dtype and torch.equal(t, before[n]), n
+
+
+def test_quant_after_reconstruct_packs_the_fitted_weights(tiny_llama):
+    # [wanda, perp reconstruct, quant] in recipe order: quant must quantize the weights
+    # PERP fitted (the runner checks that each packed weight is the propagated one).
+    import copy
+    from compress.nn import QuantLinear
+
+    ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    perp = {"mode": "reconstruct", "train": ["masklora"], "rank": 4, "steps": 20, "lr": 1e-2}
+    quant = compress.Quant(method="rtn", bits=8, group_size=32)
+    plain, _ = compress.run(copy.deepcopy(tiny_llama), [compress.Wanda(pattern="2:4"), quant], calib=ids)
+    _, report = compress.run(tiny_llama, [compress.Wanda(pattern="2:4"), {"perp": perp}, quant], calib=ids)
+    first = [r for r in report["layers"] if ".layers.0." in r["layer"]]
+    assert all(r["perp_loss"][1] < r["perp_loss"][0] for r in first)   # the fit was kept in block 0
+    for n, m in tiny_llama.model.layers[0].named_modules():
+        if isinstance(m, QuantLinear):   # block 0 sees the same inputs in both runs: only PERP differs
+            other = plain.model.layers[0].get_submodule(n)
+            W, W_plain = m.effective_weight(), other.effective_weight()
+            assert is_nm(W, 2, 4) and not torch.equal(W, W_plain), n
 
 
 def test_reconstruct_mode_fits_blocks_and_keeps_the_mask(tiny_llama, tiny_tokenizer, tmp_path):
@@ -328,3 +379,19 @@ def test_a_sweep_after_perp_calibrates_on_the_retrained_model(tiny_llama, tiny_t
     assert len(report["layers"]) == 2 * 14 and report["training"]["perp"]["steps"] == 2
     q = tiny_llama.model.layers[1].mlp.down_proj
     assert isinstance(q, SparseQuantLinear) and is_nm(q.effective_weight(), 2, 4)   # 2:4 survived PERP and GPTQ
+
+
+def test_lm_head_lora_finds_a_head_of_another_name(tiny_tokenizer, tmp_path):
+    # BioGPT's head is `output_projection`: found through get_output_embeddings, not by name.
+    import transformers as tf
+    from compress.models import head_of
+
+    cfg = tf.BioGptConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          vocab_size=len(tiny_tokenizer), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    assert head_of(model) == "output_projection"
+    head = model.output_projection.weight.detach().clone()
+    perp = {"train": ["lm_head"], "rank": 2, "steps": 3, "lr": 1e-2, "batch_size": 2, "warmup": 0.0}
+    _pruned_run(model, tiny_tokenizer, tmp_path, perp)
+    assert not torch.equal(model.output_projection.weight, head)   # the head's LoRA trained and merged

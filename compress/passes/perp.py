@@ -265,8 +265,10 @@ def reconstruct(ctx: BlockContext, cfg: PerpConfig) -> None:
         after = total()
     finally:  # on an error too: the base layers go back (unchanged)
         notes = merge(ctx.block, adapters, write=after < before)  # never worse on the calibration batches
-        ctx.block.to(own)
-    for L, n in zip(ctx.layers.values(), names):
-        L.W.copy_(get_weight(ctx.block.get_submodule(n)).float())
+        if after < before:   # the fp32 merged weights, read before the block goes back to its dtype
+            for L, n in zip(ctx.layers.values(), names):
+                L.W.copy_(get_weight(ctx.block.get_submodule(n)))
+        ctx.block.to(own)    # rejected: L.W (the fp32 masters) is untouched, bit for bit
+    for L in ctx.layers.values():
         L.info["perp_loss"] = [before, min(before, after)]
     ctx.layers[next(iter(ctx.layers))].info["perp_merge"] = notes
