@@ -236,6 +236,15 @@ def file_names(model: nn.Module, tensors: dict) -> dict[str, str]:
     return {k: where.get(id(t), k) for k, t in tensors.items()}
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
+def name_of(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:
+    """The qualified name of `module` inside `model` (None if it is not there)."""
+    return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+
+
+def head_of(model: nn.Module) -> Optional[str]:
+    """The name of the output head (lm_head, GPT-2's lm_head, OPT's lm_head, a wrapper's
+    ...): what the model itself reports as its output embeddings, if that is a linear."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return name_of(model, head) if head is not None and is_linear(head) else None
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compress.errors import CompressError
-from compress.models import block_linears, find_blocks
+from compress.models import block_linears, find_blocks, head_of
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,9 @@ def retrain(model, ids: torch.LongTensor, cfg, device: torch.device) -> dict:
 
     prefix, blocks = find_blocks(model)
     linears = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in block_linears(b)]
-    head = "lm_head" if isinstance(getattr(model, "lm_head", None), torch.nn.Linear) else None
+    head = head_of(model)   # the model's own output embeddings, whatever their name
     if "lm_head" in cfg.train and head is None:
-        raise CompressError("perp.train: lm_head asked for, but the model has no linear `lm_head`")
+        raise CompressError("perp.train: lm_head asked for, but the model's output head is not a linear layer")
     total_params = sum(p.numel() for p in model.parameters())
     adapters, params = attach(model, cfg, [n for n in linears if cfg.applies_to(n)], head)
     trainable = sum(p.numel() for p in params)

@@ -48,16 +48,23 @@ def unpermute_qk(W: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def gguf_tensors(model) -> dict:
-    """{gguf name: fp32 tensor} of a Llama model, q / k permuted."""
+    """{gguf name: fp32 tensor} of a Llama model, q / k permuted. The embedding, head,
+    final norm and blocks are found as the runner finds them, not by their names."""
+    from compress.models import decoder_of, find_blocks, name_of
+
     cfg = model.config
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
-    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    if not tied:
-        out["output.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.num_hidden_layers):
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    norm = name_of(model, getattr(decoder_of(model), "norm", None))
+    if norm is None:
+        raise CompressError("output.format: gguf: the decoder has no final `norm` to write as output_norm")
+    out = {"token_embd.weight": sd[f"{name_of(model, embed)}.weight"], "output_norm.weight": sd[f"{norm}.weight"]}
+    if head.weight.data_ptr() != embed.weight.data_ptr():   # tied: llama.cpp reuses token_embd
+        out["output.weight"] = sd[f"{name_of(model, head)}.weight"]
+    prefix, blocks = find_blocks(model)
+    for i in range(len(blocks)):
         for hf, gg in BLOCK.items():
-            W = sd[f"model.layers.{i}.{hf}.weight"]
+            W = sd[f"{prefix}.{i}.{hf}.weight"]
             if gg == "attn_q":
                 W = permute_qk(W, cfg.num_attention_heads)
             elif gg == "attn_k":
