@@ -9,7 +9,8 @@ import compress
 from compress.errors import CompressError
 from compress.nn import ArmorLinear
 from compress.nn.armor_linear import ArmorResult, factor_product, pack_positions, unpack_core
-from compress.passes.base import Layer, make_config, pass_fn
+from compress.passes.armor import ProxyLoss, discrete_step
+from compress.passes.base import Layer, make_config, nm_mask, pass_fn
 from helpers import check_cast_keeps_packed_state, check_reload_packed, correlated_inputs, is_nm, output_error, stats_of
 
 
@@ -50,6 +51,66 @@ def test_nowag_start_by_hand():
     assert torch.equal(core != 0, torch.tensor([[False, True, False, True, True, False, False, True]]).repeat(4, 1))
     assert torch.equal(layer.W, W * (core != 0))                   # A = B = I at the start
     assert layer.info["armor_loss"][0] == layer.info["armor_loss"][1]
+
+
+# The six two-of-four supports of a group, written out.
+SUPPORTS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+
+
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_discrete_step_re_solves_the_best_group_by_hand(kind):
+    # One A block and one B block (b = 4): W [4, 4], a single 1 x 4 core group per row,
+    # so the step must pick the one row whose best support lowers the loss most and give
+    # it that support's least-squares values. Computed here from the definition alone:
+    # with row r of the core replaced by s (values p, q on inputs i, j), the weight is
+    # W_hat = A S_r B + a_r (s B) (a_r: column r of A, S_r: the core without row r), so
+    #     loss(s) = ||T - p U_i - q U_j||_F^2 / L(0),   T = (W - A S_r B) Xt,  U_k = a_r (B_k Xt)
+    # where Xt [in, n] gives H = Xt Xt^T (full: X^T; diag: diag(sqrt(h))). The 2 x 2 normal
+    # equations [[<U_i,U_i>, <U_i,U_j>], [<U_i,U_j>, <U_j,U_j>]] [p, q] = [<U_i,T>, <U_j,T>]
+    # are solved by Cramer's rule.
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(16, 4, generator=g) @ (torch.eye(4) + 0.5 * torch.randn(4, 4, generator=g))
+    W = torch.randn(4, 4, generator=g)
+    A = torch.eye(4) + 0.3 * torch.randn(4, 4, generator=g)
+    B = torch.eye(4) + 0.3 * torch.randn(4, 4, generator=g)
+    M = nm_mask(-W.abs(), 2, 4)                                   # a poor start: the two smallest weights
+    V = W + 0.1 * torch.randn(4, 4, generator=g)                  # values off the mask are never read
+    H = X.T @ X
+    loss = ProxyLoss(W, H, H.diagonal()) if kind == "full" else ProxyLoss(W, None, H.diagonal())
+    Xt = (X.T if kind == "full" else torch.diag(H.diagonal().sqrt())).double()
+    Wd, Ad, Bd, S = W.double(), A.double(), B.double(), (V * M).double()
+    L0 = ((Wd @ Xt) ** 2).sum()                                   # the loss at W_hat = 0
+    start = float((((Wd - Ad @ S @ Bd) @ Xt) ** 2).sum() / L0)
+    cands = []                                                    # (loss, row, support, p, q)
+    for r in range(4):
+        S_r = S.clone()
+        S_r[r] = 0
+        T = (Wd - Ad @ S_r @ Bd) @ Xt                             # [out, n]
+        U = [Ad[:, r, None] * (Bd[k] @ Xt)[None, :] for k in range(4)]
+        for i, j in SUPPORTS:
+            a, b, c = (U[i] * U[i]).sum(), (U[i] * U[j]).sum(), (U[j] * U[j]).sum()
+            u, v = (U[i] * T).sum(), (U[j] * T).sum()
+            det = a * c - b * b
+            p, q = (c * u - b * v) / det, (a * v - b * u) / det
+            cands.append((float(((T - p * U[i] - q * U[j]) ** 2).sum() / L0), r, (i, j), float(p), float(q)))
+    cands.sort()
+    best, r, (i, j), p, q = cands[0]
+    assert best < 0.9 * start and best < cands[1][0] - 1e-3      # a clear winner, well below the start
+    # G = A^T (E H) B^T at the current factors, E = W - A S B (see discrete_step).
+    E = W - A @ (V * M) @ B
+    G = A.T @ loss.times_H(E) @ B.T
+    V0, M0 = V.clone(), M.clone()
+    changed = discrete_step(A[None], B[None], V, M, G, loss, 4, float(loss(A @ (V0 * M0) @ B)))
+    assert changed == 1
+    want_M = M0.clone()
+    want_M[r] = torch.tensor([k in (i, j) for k in range(4)])
+    assert torch.equal(M, want_M)                                 # only row r moved, to the best support
+    want = V0 * M0
+    want[r] = 0
+    want[r, i], want[r, j] = p, q
+    # (discrete_step adds 1e-6 mean(diag Q) to Q, so its values differ from the exact ones by ~1e-6.)
+    assert torch.allclose(V * M, want.float(), rtol=1e-4, atol=1e-5)
+    assert float(loss(A @ (V * M) @ B)) == pytest.approx(best, rel=1e-4)
 
 
 def test_positions_pack_round_trip():

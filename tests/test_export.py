@@ -202,8 +202,10 @@ def test_export_config_errors():
 
 CT14_SCRIPT = '''
 import sys, torch
+import compressed_tensors
 from safetensors.torch import load_file
 from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import sparse24_bitmask_decompress
+assert compressed_tensors.__version__ == "0.14.0.1", compressed_tensors.__version__   # not the dev extra's >= 0.20
 sd = load_file(sys.argv[1])
 want = torch.load(sys.argv[2])
 for name, W in want.items():
@@ -214,25 +216,40 @@ print("ok", len(want))
 '''
 
 
+def _ct14_dir():
+    """The folder holding compressed-tensors 0.14.0.1 on its own (`pip install --no-deps
+    --target`), from $COMPRESS_CT14_DIR: .ci/run installs it, the tests never download.
+    Unset: skip. Set, but without 0.14.0.1 in it: a broken setup, so fail."""
+    import os
+    from pathlib import Path
+    value = os.environ.get("COMPRESS_CT14_DIR")
+    if not value:
+        pytest.skip("COMPRESS_CT14_DIR not set: install compressed-tensors 0.14.0.1 into a folder of its own "
+                    "(python3 -m pip install --no-deps --target DIR compressed-tensors==0.14.0.1, as .ci/run "
+                    "does) and point COMPRESS_CT14_DIR at it")
+    d = Path(value)
+    assert (d / "compressed_tensors-0.14.0.1.dist-info").is_dir() and (d / "compressed_tensors").is_dir(), \
+        f"COMPRESS_CT14_DIR={value}: no compressed-tensors 0.14.0.1 installed there (pip install --target)"
+    return d
+
+
 @pytest.mark.slow
 def test_bitmask_read_back_by_compressed_tensors_0_14(tiny_llama, tiny_tokenizer, tmp_path):
-    """compressed-tensors 0.14.0.1 (the last release with sparse-24-bitmask), installed
-    on its own into a folder, decompresses our bitmask export to the exact weights."""
+    """compressed-tensors 0.14.0.1 is the last release that reads sparse-24-bitmask (the
+    dev extra installs >= 0.20, which dropped it; see the export's warning): run from
+    its own folder, it decompresses our bitmask export to the exact weights."""
+    import os
     import subprocess
     import sys
-    env_dir = tmp_path / "ct14"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(env_dir),
-                          "compressed-tensors==0.14.0.1"], capture_output=True, text=True)
-    if pip.returncode:
-        pytest.skip(f"cannot install compressed-tensors 0.14.0.1: {pip.stderr.strip().splitlines()[-1:]}")
+    env_dir = _ct14_dir()
     compress.run(tiny_llama, [compress.Wanda(pattern="2:4")], calib=_ids())
     want = _effective(tiny_llama)
     torch.save(want, tmp_path / "want.pt")
     out = export(tiny_llama, tiny_tokenizer, str(tmp_path / "ct"),
                  ExportConfig(format="compressed-tensors", sparse_format="bitmask", dtype="float32"))
     (tmp_path / "check.py").write_text(CT14_SCRIPT)
-    import os
-    env = {**os.environ, "PYTHONPATH": str(env_dir)}
+    # ahead of site-packages, which holds the dev extra's compressed-tensors
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(env_dir), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(out / "model.safetensors"),
                           str(tmp_path / "want.pt")], capture_output=True, text=True, env=env)
     assert run.returncode == 0 and run.stdout.startswith("ok 14"), run.stderr[-2000:]

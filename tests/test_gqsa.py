@@ -119,11 +119,11 @@ def test_saliency_is_constrained_least_squares_minimum(d_in, group_size):
 # ----------------------------------------------------------------------------- row-balanced layout
 
 @pytest.mark.parametrize("d_in,group_size,sparsity,kept", [
-    (64, 16, 0.5, 2),      # G = 4, floor(2) pruned
-    (72, 16, 0.5, 3),      # G = 5 (the last group holds 8 inputs), floor(2.5) = 2 pruned
-    (96, 16, 0.7, 2),      # G = 6, floor(4.2) = 4 pruned
-    (64, 8, 0.3, 6),       # G = 8, floor(2.4) = 2 pruned
-    (40, 16, 0.25, 3),     # G = 3, floor(0.75) = 0 pruned: every group kept
+    (64, 16, 0.5, 2),      # G = 4, 2 pruned
+    (72, 16, 0.5, 3),      # G = 5 (the last group holds 8 inputs), round(2.5) = 2 pruned (halves to even)
+    (96, 16, 0.7, 2),      # G = 6, round(4.2) = 4 pruned
+    (64, 8, 0.3, 6),       # G = 8, round(2.4) = 2 pruned
+    (40, 16, 0.25, 2),     # G = 3, round(0.75) = 1 pruned (truncation would keep every group)
     (64, 16, 0.0, 4),
 ])
 def test_row_balanced_group_sparsity(d_in, group_size, sparsity, kept):
@@ -520,14 +520,58 @@ def test_pass_after_gqsa_is_refused(tiny_llama):
 
 # ----------------------------------------------------------------------------- partial targets, earlier masks
 
+def _block0_error(model, dense, ids, batch_size) -> float:
+    """Mean over the calibration batches of the MSE between block 0's output in `model`
+    and in `dense` (block 0 sees the embeddings in both): BQPO's own measure, taken
+    here from the models alone."""
+    def output_of(m, x):
+        got = []
+        hook = m.model.layers[0].register_forward_hook(lambda mod, a, out: got.append(
+            out[0] if isinstance(out, tuple) else out))
+        with torch.no_grad():
+            m(x)
+        hook.remove()
+        return got[0].float()
+    batches = ids.split(batch_size)
+    return sum(F.mse_loss(output_of(model, x), output_of(dense, x)).item() for x in batches) / len(batches)
+
+
+def _check_bqpo_trained_block_0(tiny_llama, passes, **run):
+    """Run `passes` (gqsa last) with gqsa epochs 0 and as given, fp32 forwards. Block 0
+    gets the same inputs in both runs, so its epochs-0 result is exactly BQPO's start:
+    check that BQPO lowered block 0's output error, by its report and by measuring it,
+    and moved the codes while keeping the groups. Returns the trained model's GQSALinears."""
+    ids = calib_ids(300, n=4, seq=16)
+    dense = copy.deepcopy(tiny_llama)
+    zero = [*passes[:-1], {"gqsa": {**passes[-1]["gqsa"], "epochs": 0}}]
+    one_shot, rep0 = compress.run(copy.deepcopy(tiny_llama), zero, calib=ids, compute_dtype="float32", **run)
+    model, report = compress.run(tiny_llama, passes, calib=ids, compute_dtype="float32", **run)
+    gl, ref = gqsa_linears(model), gqsa_linears(one_shot)
+    assert set(gl) == set(ref) and gl
+    assert all("bqpo_loss" not in r for r in rep0["layers"])                      # epochs 0: BQPO never ran
+    rows = {r["layer"]: r for r in report["layers"] if _block_of(r["layer"]) == 0}
+    (before, after), = {tuple(r["bqpo_loss"]) for r in rows.values()}             # one value for the block
+    assert after < 0.9 * before
+    # The report's numbers are the block's real output error, before (the one-shot) and after.
+    bs = run.get("batch_size", 8)
+    assert _block0_error(one_shot, dense, ids, bs) == pytest.approx(before, rel=1e-4)
+    assert _block0_error(model, dense, ids, bs) == pytest.approx(after, rel=1e-4)
+    for n in rows:
+        m, r = gl[n], ref[n]
+        assert torch.equal(m.group_idx, r.group_idx), n                           # the same groups ...
+        assert not torch.equal(m.qweight, r.qweight), n                           # ... other codes
+        assert not torch.equal(m.effective_weight(), r.effective_weight()), n
+    return gl
+
+
 def test_bqpo_on_some_blocks_only(tiny_llama):
-    model, report = compress.run(tiny_llama, [{"gqsa": {"epochs": 1, "targets": [r"layers\.0\."]}}],
-                                 calib=calib_ids(300, n=4, seq=16))
-    assert sorted({_block_of(n) for n in gqsa_linears(model)}) == [0]
+    gl = _check_bqpo_trained_block_0(tiny_llama, [{"gqsa": {"epochs": 1, "targets": [r"layers\.0\."]}}])
+    assert sorted({_block_of(n) for n in gl}) == [0] and len(gl) == 7
+    assert type(tiny_llama.model.layers[1].mlp.down_proj) is torch.nn.Linear      # block 1 left dense
 
 
 def test_bqpo_keeps_an_earlier_pattern(tiny_llama):
-    model, _ = compress.run(tiny_llama, [{"wanda": {"pattern": "2:4"}},
-                                         {"gqsa": {"epochs": 2, "lr": 1e-3, "lr_quant": 1e-3}}],
-                            calib=calib_ids(300), batch_size=2)
-    assert all(is_nm(m.effective_weight(), 2, 4) for m in gqsa_linears(model).values())
+    gl = _check_bqpo_trained_block_0(tiny_llama, [{"wanda": {"pattern": "2:4"}},
+                                                  {"gqsa": {"epochs": 2, "lr": 1e-3, "lr_quant": 1e-3}}],
+                                     batch_size=2)
+    assert len(gl) == 14 and all(is_nm(m.effective_weight(), 2, 4) for m in gl.values())

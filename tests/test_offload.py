@@ -31,11 +31,16 @@ def tensors(folder) -> dict:
 
 
 SGPT_W4 = [{"sparsegpt": {"pattern": "2:4"}}, {"quant": {"bits": 4, "group_size": 32}}]
-TWO_SWEEPS = [{"wanda": {"sparsity": 0.5}}, {"perp": {"mode": "reconstruct", "steps": 2}},
-              {"dsnot": {"sparsity": 0.5}}]
+# Layer passes, then a block pass that trains against the dense block's outputs: the
+# dense targets and the training must come out the same with the blocks on disk. (An
+# offloaded run is always one sweep: only a model-level pass, refused offloaded, splits
+# a run into several.)
+PRUNE_RECONSTRUCT = [{"wanda": {"sparsity": 0.5}}, {"dsnot": {}},
+                     {"perp": {"mode": "reconstruct", "train": ["masklora"], "steps": 2}}]
 
 
-@pytest.mark.parametrize("passes", [SGPT_W4, [{"magnitude": {"sparsity": 0.5}}, {"quant": {"method": "rtn"}}]])
+@pytest.mark.parametrize("passes", [SGPT_W4, [{"magnitude": {"sparsity": 0.5}}, {"quant": {"method": "rtn"}}],
+                                    PRUNE_RECONSTRUCT], ids=["sparsegpt_w4", "magnitude_rtn", "prune_reconstruct"])
 def test_offloaded_run_equals_ordinary_run(tmp_path, tiny4_dir, corpus, monkeypatch, passes):
     assert main(["-q", "run", recipe(tmp_path, tiny4_dir, corpus, passes), "--output", str(tmp_path / "a")]) == 0
     real_load, most = LazyBlocks.load, [0]
@@ -52,8 +57,14 @@ def test_offloaded_run_equals_ordinary_run(tmp_path, tiny4_dir, corpus, monkeypa
     a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(list((tmp_path / "b").glob("model-*.safetensors"))) == 5          # the rest, then one per block
-    assert json.loads((tmp_path / "b" / "config.json").read_text())["compress"]["modules"] == \
-        json.loads((tmp_path / "a" / "config.json").read_text())["compress"]["modules"]
+    # The packed modules' entries (none without a packing pass) are the same.
+    packed_a, packed_b = (json.loads((tmp_path / d / "config.json").read_text()).get("compress") for d in "ab")
+    assert packed_a == packed_b and (packed_b is None) == (passes is PRUNE_RECONSTRUCT)
+    if passes is PRUNE_RECONSTRUCT:   # the block pass did train, on the same dense targets
+        rows_a, rows_b = (json.loads((tmp_path / d / "report.json").read_text())["layers"] for d in "ab")
+        assert len(rows_b) == 4 * 7
+        assert [r["perp_loss"] for r in rows_b] == [r["perp_loss"] for r in rows_a]
+        assert all(after < before for before, after in (r["perp_loss"] for r in rows_b))
     model, _ = compress.load(str(tmp_path / "b"))
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
@@ -90,6 +101,6 @@ def test_offload_refuses_what_needs_the_whole_model(tmp_path, tiny4_dir, corpus,
     assert "runner.offload: eval needs the whole model" in err(str(p))
     r = recipe(tmp_path, tiny4_dir, corpus, [{"wanda": {"pattern": "2:4"}}, {"perp": {"steps": 1}}], offload=True)
     assert "perp trains the whole model" in err(r, "--output", str(tmp_path / "o"))
-    r = recipe(tmp_path, tiny4_dir, corpus, [{"wanda": {}}], offload=True)
-    assert "keeps" in err(r) or "run folder" in err(r)
+    r = recipe(tmp_path, tiny4_dir, corpus, [{"wanda": {}}], offload=True)     # no --output, no output.dir
+    assert err(r) == "compress: error: runner.offload: the compressed blocks are kept in a run folder; set output"
     assert not (tmp_path / "o").exists()

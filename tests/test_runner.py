@@ -101,6 +101,9 @@ def test_sparsegpt_reports_relative_error(tiny_llama):
     assert all(r["percdamp"] == 0.01 for r in report["layers"])
 
 
+GEMMA2_WINDOW = 8
+
+
 def _tiny(arch):
     import transformers as tf
     common = dict(vocab_size=128, num_hidden_layers=2, num_attention_heads=4)
@@ -110,7 +113,10 @@ def _tiny(arch):
         "qwen2": lambda: tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **common),
         "mistral": lambda: tf.MistralConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **common),
         "gemma": lambda: tf.GemmaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16, **common),
-        "gemma2": lambda: tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16, **common),
+        # A window of 8 tokens, shorter than the 16 calibration tokens, so sliding layer 0 and
+        # full layer 1 really see different masks (the default window, 4096, never bites).
+        "gemma2": lambda: tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                          sliding_window=GEMMA2_WINDOW, **common),
     }[arch]()
     torch.manual_seed(0)
     return tf.AutoModelForCausalLM.from_config(cfg).eval()
@@ -131,6 +137,51 @@ def test_architectures_2of4_along_input(arch):
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all() and not torch.allclose(logits, dense_logits)
+
+
+def _gemma2_twin(model, **changes):
+    """The same weights under another attention config."""
+    import copy
+
+    import transformers as tf
+    cfg = copy.deepcopy(model.config)
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    twin = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def test_gemma2_sliding_and_full_layers_calibrate_on_their_own_masks():
+    """Gemma 2 alternates sliding (layer 0) and full (layer 1) attention. The runner must
+    give layer 0 the 8-token window and layer 1 the plain causal mask. An o_proj's inputs
+    are its layer's attention outputs, so it compresses differently when its layer's mask
+    differs, while q/k/v (inputs: the layer's hidden states) come out the same:
+      - against a twin whose window (4096) covers all 16 tokens, layer 0 differs;
+      - against a twin whose layer 1 slides too, layer 0 is the same and layer 1 differs."""
+    model = _tiny("gemma2")
+    wide = _gemma2_twin(model, sliding_window=4096)
+    both = _gemma2_twin(model, layer_types=["sliding_attention", "sliding_attention"])
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    ids = calib_ids(128, n=4, seq=16)
+    _, blocks = find_blocks(model)
+    kw = capture_inputs(model, blocks, ids, 2, "cpu", "cpu").kwargs
+    q, k = torch.arange(16)[:, None], torch.arange(16)[None, :]
+    allowed = [kw[i][0]["attention_mask"][0, 0] == 0 for i in (0, 1)]        # additive masks [q, k], eager attention
+    assert torch.equal(allowed[0], (k <= q) & (k > q - GEMMA2_WINDOW))       # query 15 sees keys 8..15 only
+    assert torch.equal(allowed[1], k <= q)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, wide(ids).logits)      # the window changes the forward
+    for m in (model, wide, both):
+        compress.run(m, [compress.SparseGPT(pattern="2:4")], calib=ids, batch_size=2)
+
+    def same(x, y, layer, proj):
+        return torch.equal(getattr(x.model.layers[layer].self_attn, proj).weight,
+                           getattr(y.model.layers[layer].self_attn, proj).weight)
+    qkv = ("q_proj", "k_proj", "v_proj")
+    assert all(same(model, wide, 0, p) for p in qkv) and not same(model, wide, 0, "o_proj")
+    assert all(same(model, both, 0, p) for p in (*qkv, "o_proj"))
+    assert all(same(model, both, 1, p) for p in qkv) and not same(model, both, 1, "o_proj")
 
 
 def test_nm_on_indivisible_layer_is_refused_before_work(tiny_llama):
@@ -164,3 +215,32 @@ def test_python_api_with_calib_config(tiny_llama, tiny_tokenizer):
     _, report = compress.run(tiny_llama, [compress.Wanda(sparsity=0.5, pattern="2:4")], calib=cfg,
                              tokenizer=tiny_tokenizer)
     assert report["calibration"] == {"nsamples": 4, "seqlen": 16} and report["summary"]["sparsity"] == 0.5
+
+
+def test_segments_keep_recipe_order():
+    from compress.passes.base import make_config
+    from compress.runner import segments
+
+    sweep = [make_config(n, a) for n, a in [("wanda", {}), ("perp", {"mode": "reconstruct", "train": ["masklora"]}),
+                                            ("quant", {"method": "rtn"})]]
+    assert [[c.name for c in s] for s in segments(sweep)] == [["wanda", "perp"], ["quant"]]
+    sweep = [make_config("perp", {"mode": "reconstruct", "train": ["masklora"]}), make_config("gqsa", {})]
+    assert [[c.name for c in s] for s in segments(sweep)] == [["perp"], ["gqsa"]]   # gqsa: one-shot, then BQPO
+
+
+def test_a_packed_weight_that_is_not_the_propagated_one_is_refused():
+    from torch import nn
+
+    from compress.passes.base import Layer
+    from compress.quantize import QuantSpec, rtn
+    from compress.runner import finish_linear
+
+    W = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    layer = Layer("model.layers.0.mlp.up_proj", W.clone(), W.clone(), None)
+    layer.packed = rtn(W, None, QuantSpec(4, 32))
+    layer.W.copy_(layer.packed.dequantize())
+    lin = nn.Linear(32, 4, bias=False)
+    assert finish_linear(layer, lin, W.clone(), [])["shape"] == [4, 32]   # consistent: accepted
+    layer.W[0, 0] += 1.0   # a later change the packed codes do not carry
+    with pytest.raises(RuntimeError, match="up_proj: the packed weight differs"):
+        finish_linear(layer, lin, W.clone(), [])
