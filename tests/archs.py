@@ -54,9 +54,10 @@ def config_of(arch: str, **changes) -> dict:
     return fields
 
 
-def tiny(arch: str, seed: int = 0, **changes):
+def tiny(arch: str, seed: int = 0, dtype: torch.dtype = None, **changes):
     """A random model of `arch` in eval mode; always the same weights for a seed, and
-    the global RNG is left as it was. `changes`: see `config_of`."""
+    the global RNG is left as it was. `dtype`: built in that dtype as loading does
+    (rotary tables stay fp32, unlike after `.to(dtype)`). `changes`: see `config_of`."""
     from transformers import AutoConfig
 
     from compress.models import auto_class
@@ -64,7 +65,7 @@ def tiny(arch: str, seed: int = 0, **changes):
     config = AutoConfig.for_model(arch, **config_of(arch, **changes))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = auto_class(config).from_config(config)
+        model = auto_class(config).from_config(config, **({"dtype": dtype} if dtype else {}))
     return model.eval()
 
 

@@ -121,8 +121,11 @@ def test_identity_recipe_reproduces_the_dense_hidden_states(arch, dtype):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_wanda_2of4_then_gptq_w4_packs_every_linear_and_reloads(arch, tmp_path, caplog):
-    model, x = tiny(arch), ids()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_wanda_2of4_then_gptq_w4_packs_every_linear_and_reloads(arch, dtype, tmp_path, caplog):
+    """Also in half precision, as a GPU user runs it: the model in fp16 / bf16 and the
+    calibration forwards in that dtype (tests/test_half.py compares every pass's error)."""
+    model, x = tiny(arch, dtype=dtype), ids()
     prefix, blocks = find_blocks(model)
     ignore = IGNORE.get(arch, [])
     linears = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in block_linears(b)]
@@ -131,7 +134,7 @@ def test_wanda_2of4_then_gptq_w4_packs_every_linear_and_reloads(arch, tmp_path, 
     with caplog.at_level(logging.INFO, logger="compress.coverage"):
         _, report = compress.run(model, [compress.Wanda(pattern="2:4", ignore=ignore),
                                          compress.Quant(bits=4, group_size=32, ignore=ignore)], calib=x,
-                                 batch_size=BATCH)
+                                 batch_size=BATCH, compute_dtype=str(dtype).replace("torch.", ""))
     for n in targeted:
         m = model.get_submodule(n)
         assert isinstance(m, PackedLinear) and follows_nm(m.effective_weight(), 2, 4), n
@@ -149,6 +152,7 @@ def test_wanda_2of4_then_gptq_w4_packs_every_linear_and_reloads(arch, tmp_path, 
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in vision.items())   # the vision tower is left alone
     with torch.no_grad():
         logits = model(x, use_cache=False).logits
+    assert torch.isfinite(logits).all() and logits.dtype == dtype
     compress.save(str(tmp_path / "out"), model)
     loaded, _ = compress.load(str(tmp_path / "out"))
     with torch.no_grad():
