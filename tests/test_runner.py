@@ -111,10 +111,12 @@ def _tiny(arch):
         "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128),
         "opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, **common),
         "qwen2": lambda: tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **common),
-        "mistral": lambda: tf.MistralConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **common),
+        "mistral": lambda: tf.MistralConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2,
+                                            sliding_window=GEMMA2_WINDOW, **common),   # every layer slides
         "gemma": lambda: tf.GemmaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16, **common),
         # A window of 8 tokens, shorter than the 16 calibration tokens, so sliding layer 0 and
-        # full layer 1 really see different masks (the default window, 4096, never bites).
+        # full layer 1 really see different masks (the default window, 4096, never bites);
+        # Mistral's layers all slide, with the same window.
         "gemma2": lambda: tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16,
                                           sliding_window=GEMMA2_WINDOW, **common),
     }[arch]()
