@@ -7,6 +7,15 @@ Calibration: C4, --nsamples x 512 tokens; SparseGPT 50 % unstructured. Peak RSS 
 run's own report (ru_maxrss of the `compress run` process).
 
     python benchmarks/memory.py --data-dir ../shared/data [--nsamples 32] [--depths 1,4]
+
+With --load (issue 17): peak RSS of `compress.load` on a packed checkpoint of the real
+SmolLM2-135M (every block linear RTN 4-bit g128, QuantLinear; built on the first run),
+each load in a fresh process, minus the fixed overhead (a process that imports torch,
+transformers and compress and reads the folder's tokenizer, which loading also does).
+The target: at most 1.2x the checkpoint's safetensors bytes. --before REV also loads
+with compress/checkpoint.py of git revision REV (the old loader, for contrast).
+
+    python benchmarks/memory.py --load [--before REV]
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -67,19 +77,101 @@ def run(folder: Path, work: Path, a, offload: bool) -> dict:
             "seconds": summary["total_seconds"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-dir", default=os.environ.get("COMPRESS_DATA_DIR"))
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--depths", default="1,4")
-    ap.add_argument("--no-whole", dest="whole", action="store_false", help="skip the runs without offloading")
-    ap.add_argument("--work", default=str(HERE / ".cache" / "memory"))
-    ap.add_argument("--markdown")
-    a = ap.parse_args()
+# ----------------------------------------------------------------------------- packed load (--load)
+
+# A fresh process: import the runtime and read the folder's tokenizer (the fixed overhead);
+# with "load", load the folder with compress.load, or with the `load` of the checkpoint.py
+# given by path, then read every tensor's bytes once (transformers maps the checkpoint
+# lazily: its pages count once the model is used). It prints its peak RSS then and after
+# loading: VmHWM, the high-water mark of this process's own memory. (ru_maxrss survives
+# exec, so a child of this bigger benchmark process would report the parent's peak.)
+LOAD_CHILD = """
+import importlib.util, json, sys
+import torch, transformers, compress, compress.nn
+import transformers.models.llama.modeling_llama  # the model's code: runtime, not loading
+hwm = lambda: int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmHWM"].split()[0]) / 1024
+mode, folder, *old = sys.argv[1:]
+out = {"imports": hwm()}
+if mode == "load":
+    load = compress.load
+    if old:
+        spec = importlib.util.spec_from_file_location("checkpoint_before", old[0])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        load = module.load
+    model, _ = load(folder)
+    out["loaded"] = hwm()
+    for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+        t.detach().reshape(-1).view(torch.uint8).max()
+else:
+    transformers.AutoTokenizer.from_pretrained(folder)
+out["peak"] = hwm()
+print(json.dumps(out))
+"""
+
+
+def build_w4(folder: Path) -> None:
+    """Save SmolLM2-135M with every block linear RTN 4-bit g128 (QuantLinear); loaded
+    back, it must give the quantized model's logits."""
+    import torch
+
+    import compress
+    from compress.models import load_model
+    model, tok = load_model("smollm2-135m")
+    x = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    compress.run(model, [{"quant": {"bits": 4, "group_size": 128, "method": "rtn", "clip_search": False}}], calib=x)
+    compress.save(str(folder), model, tok)
+    with torch.no_grad():
+        same = torch.equal(compress.load(str(folder))[0](x).logits, model(x).logits)
+    if not same:
+        raise SystemExit(f"{folder}: the reloaded model's logits differ")
+
+
+def child_peaks(*args) -> dict:
+    """{stage: peak RSS MiB} of a LOAD_CHILD process run with `args`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", LOAD_CHILD, *map(str, args)], check=True, env=env,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def checkpoint_at(rev: str, work: Path) -> Path:
+    """compress/checkpoint.py of git revision `rev`, written into the work folder."""
+    src = subprocess.run(["git", "show", f"{rev}:compress/checkpoint.py"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    path = work / f"checkpoint-{rev}.py"
+    path.write_text(src)
+    return path
+
+
+def load_table(work: Path, before: Optional[str]) -> list[str]:
+    """Peak RSS of loading the packed SmolLM2 W4 folder, with this compress.load and
+    (--before) with an earlier revision's, against the checkpoint's size."""
+    folder = work / "smollm2-w4"
+    if not (folder / "config.json").is_file():
+        build_w4(folder)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2 ** 20
+    fixed = child_peaks("overhead", folder)
+    loads = [(f"before ({before})", child_peaks("load", folder, checkpoint_at(before, work)))] if before else []
+    loads.append(("after" if before else "compress.load", child_peaks("load", folder)))
+    overhead = fixed["peak"]
+    lines = [f"SmolLM2-135M W4 g128 (QuantLinear): packed checkpoint {size:.1f} MiB of safetensors; fixed overhead "
+             f"{overhead:.0f} MiB (imports {fixed['imports']:.0f}, tokenizer {overhead - fixed['imports']:.0f})", "",
+             "| load | peak RSS MiB, loaded | peak RSS MiB, weights read | minus overhead, MiB | / checkpoint |",
+             "|---|---|---|---|---|"]
+    for name, r in loads:
+        lines.append(f"| {name} | {r['loaded']:.0f} | {r['peak']:.0f} | {r['peak'] - overhead:.0f} | "
+                     f"{(r['peak'] - overhead) / size:.2f}x |")
+    ratio = (loads[-1][1]["peak"] - overhead) / size
+    lines += ["", f"Target (packed load at most 1.2x the checkpoint plus the fixed overhead): "
+                  f"{'PASS' if ratio <= 1.2 else 'FAIL'} ({ratio:.2f}x)"]
+    return lines
+
+
+def run_table(a, work: Path) -> list[str]:
+    """The SparseGPT runs at each depth, offloaded and (unless --no-whole) loaded whole."""
     if not a.data_dir:
         raise SystemExit("benchmark needs the C4 text: pass --data-dir or set COMPRESS_DATA_DIR")
-    work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
     depths = [int(d) for d in a.depths.split(",")]
     rows, block = [], block_mib()
     for d in depths:
@@ -103,6 +195,23 @@ def main() -> None:
         per = (off[-1]["peak_rss_mib"] - off[0]["peak_rss_mib"]) / (off[-1]["blocks"] - off[0]["blocks"])
         lines += ["", f"Target (offloaded peak grows by less than one block, {block:.1f} MiB, per extra block): "
                       f"{'PASS' if per < block else 'FAIL'} ({per:+.2f} MiB per block)"]
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default=os.environ.get("COMPRESS_DATA_DIR"))
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--depths", default="1,4")
+    ap.add_argument("--no-whole", dest="whole", action="store_false", help="skip the runs without offloading")
+    ap.add_argument("--load", action="store_true", help="measure loading a packed SmolLM2 W4 checkpoint instead")
+    ap.add_argument("--before", help="with --load: also load with compress/checkpoint.py of this git revision")
+    ap.add_argument("--work", default=str(HERE / ".cache" / "memory"))
+    ap.add_argument("--markdown")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    lines = load_table(work, a.before) if a.load else run_table(a, work)
     text = "\n".join(lines)
     print(text)
     if a.markdown:
