@@ -232,8 +232,12 @@ class SparsityConfig(PassConfig):
 
     @property
     def rank_scope(self) -> str:
-        """The scope unstructured pruning ranks in: the recipe's, else the pass's default."""
-        return self.scope or self.default_scope
+        """The scope pruning ranks in: the recipe's, else the pass's default; 'row' for
+        an N:M pattern, whose groups lie within a row."""
+        return "row" if self.nm else self.scope or self.default_scope
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "scope": self.rank_scope}   # the resolved recipe names the scope used
 
     def check_layer(self, name: str, out: int, d_in: int) -> None:
         if self.nm:
