@@ -74,7 +74,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from compress.models import load_model
+    from compress.loading import load_model
     from compress.pipeline import eval_windows_for, evaluate_model
     from compress.recipe import parse_recipe
 

@@ -77,7 +77,7 @@ def reload(folder: Path, fmt: str):
         kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if "config_groups" in qc else {}
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
     if fmt.startswith("gguf"):
-        from compress.models import clear_gguf_marker
+        from compress.loading import clear_gguf_marker
         m = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", dtype=torch.float32).eval()
         clear_gguf_marker(m)
         return m
@@ -150,7 +150,7 @@ def run_row(key: str, a, work: Path, windows, formats) -> list[dict]:
     import compress
     from compress.eval import evaluate
     from compress.export import ExportConfig, export
-    from compress.models import load_model
+    from compress.loading import load_model
 
     model, tok = load_model("smollm2-135m")
     t0 = time.perf_counter()

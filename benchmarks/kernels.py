@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compress.kernels import deploy  # noqa: E402
-from compress.nn import ArmorLinear  # noqa: E402
+from compress.deploy import deploy  # noqa: E402
+from compress.masks import nm_mask  # noqa: E402
+from compress.nn import ArmorLinear, module_for  # noqa: E402
 from compress.nn.armor_linear import ArmorResult  # noqa: E402
-from compress.passes.base import nm_mask  # noqa: E402
 from compress.quantize import QuantSpec, rtn  # noqa: E402
 
 # Peak HBM bandwidth (B/s) and dense fp16 tensor-core rate (flop/s), SXM parts.
@@ -75,10 +75,10 @@ def layer_modules(N: int, K: int, device, group: int) -> dict:
         s24.weight.data.copy_(W * keep)
         mods["2:4"] = (s24, N * K + N * K // 8)                   # kept halves + 2-bit metadata
     spec = QuantSpec(4, group, False)
-    q = rtn(W, None, spec).to_module()
+    q = module_for(rtn(W, None, spec))
     res = rtn(W * keep, keep, spec)
     res.sparse24 = True
-    sq = res.to_module()
+    sq = module_for(res)
     b = 32
     A = torch.eye(b, device=device) + 0.01 * torch.randn(N // b, b, b, device=device)
     B = torch.eye(b, device=device) + 0.01 * torch.randn(K // b, b, b, device=device)
@@ -141,7 +141,7 @@ def build_model(config, variant: str, device, group: int):
             continue
         res = rtn(W if keep is None else W * keep, keep, QuantSpec(4, group, False))
         res.sparse24 = keep is not None
-        model.set_submodule(name, res.to_module())
+        model.set_submodule(name, module_for(res))
         del W, keep, res
     deploy(model, device, model.dtype)
     return model

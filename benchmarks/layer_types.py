@@ -121,7 +121,7 @@ def smollm2_alternating(window: int):
     laid out. Returns (model, tokenizer)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from compress.models import load_model
+    from compress.loading import load_model
 
     llama, tok = load_model("smollm2-135m")
     c = llama.config

@@ -54,7 +54,7 @@ def build(folder: Path, depth: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compress.models import load_model
+    from compress.loading import load_model
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2, "num_hidden_layers": 30 * depth}))
     model.save_pretrained(folder, max_shard_size="100GB")
@@ -116,7 +116,7 @@ def build_w4(folder: Path) -> None:
     import torch
 
     import compress
-    from compress.models import load_model
+    from compress.loading import load_model
     model, tok = load_model("smollm2-135m")
     x = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     compress.run(model, [{"quant": {"bits": 4, "group_size": 128, "method": "rtn", "clip_search": False}}], calib=x)

@@ -46,7 +46,7 @@ def worker_ours(args) -> None:
     import torch
 
     import compress
-    from compress.models import load_model
+    from compress.loading import load_model
 
     model, _ = load_model("smollm2-135m")
     ids = torch.load(args.calib)
@@ -135,7 +135,7 @@ def prepare(a, work: Path):
 
     from calib import CalibConfig, load_calibration, load_text
     from compress.eval import eval_windows
-    from compress.models import load_model
+    from compress.loading import load_model
 
     model, tok = load_model("smollm2-135m")
     ids = load_calibration(CalibConfig(source="c4", nsamples=a.nsamples, seqlen=a.seqlen, seed=0), tok)

@@ -62,8 +62,8 @@ def measure(modules: dict, check_24: bool):
     and their bits per weight, zero fraction and (check_24) exact-2:4 flag."""
     import torch
 
+    from compress.masks import follows_nm
     from compress.nn.base import PackedLinear
-    from compress.passes.base import follows_nm
 
     weights, bits, numel, zeros, exact, extra = {}, 0, 0, 0, True, 0
     with torch.no_grad():
@@ -87,7 +87,7 @@ def worker(suite, a) -> None:
     import torch
 
     import compress
-    from compress.models import load_model
+    from compress.loading import load_model
 
     passes = suite.ROWS[a.row][1]
     why = unavailable(passes)

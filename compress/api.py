@@ -9,17 +9,20 @@ from typing import Optional, Union
 
 import torch
 
+from compress.config import build_config
 from compress.coverage import coverage, inventory, log_coverage
 from compress.errors import CompressError
+from compress.offload import lazy_of
 from compress.passes.base import PassConfig, make_config
 from compress.runner import preflight, resolve, run_sweep
-from compress.offload import lazy_of
+from compress.training import retrain
 
 log = logging.getLogger(__name__)
 
 
 def as_configs(passes) -> list[PassConfig]:
-    """Accept configs or recipe-style entries `{name: {args}}`."""
+    """Accept configs or recipe-style entries `{name: {args}}`; validate each, and the
+    training data section of a model-level pass."""
     out = []
     for i, p in enumerate(passes):
         if isinstance(p, PassConfig):
@@ -32,7 +35,19 @@ def as_configs(passes) -> list[PassConfig]:
             out.append(make_config(name, args))
         else:
             raise CompressError(f"passes.{i}: expected {{pass_name: {{arguments}}}}, got {p!r}")
+        if getattr(out[-1], "data", None) is not None:
+            check_data(out[-1])
     return out
+
+
+def check_data(cfg) -> None:
+    """A pass's `data` section (what PERP retrains on) is a calibration section."""
+    from calib import CalibConfig
+
+    try:
+        build_config(CalibConfig, cfg.data, f"{cfg.name}.data").validate()
+    except CompressError as e:
+        raise CompressError(str(e).replace("calib.", f"{cfg.name}.data.", 1)) from None
 
 
 def stages(configs: list[PassConfig]) -> list:
@@ -56,7 +71,6 @@ def training_ids(cfg, calib_cfg, tokenizer, model, check_only: bool = False):
     import dataclasses
 
     from calib import CalibConfig, load_training
-    from compress.config import build_config
 
     need = cfg.steps * cfg.batch_size * cfg.grad_accum
     if calib_cfg is not None:  # unset fields follow the calibration section
@@ -107,6 +121,21 @@ def restore(model, plan: list, state) -> tuple[list, dict]:
     return layers, training
 
 
+def calibration(model, calib, tokenizer, calib_config) -> tuple:
+    """(calibration config or None, token ids [nsamples, seqlen]) of `run`'s calib argument."""
+    if isinstance(calib, torch.Tensor):
+        ids = calib
+    else:
+        from calib import load_calibration
+
+        if tokenizer is None:
+            raise CompressError("calib: a CalibConfig needs tokenizer=...; or pass token ids [nsamples, seqlen]")
+        calib_config, ids = calib, load_calibration(calib, tokenizer, model)
+    if ids.dim() != 2:
+        raise CompressError(f"calib: expected token ids of shape [nsamples, seqlen], got {tuple(ids.shape)}")
+    return calib_config, ids
+
+
 def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         device: Optional[str] = None, batch_size: int = 8, true_sequential: bool = False,
         compute_dtype: Optional[str] = None, calib_config=None, state=None):
@@ -122,15 +151,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
     if not configs:
         raise CompressError("passes: expected at least one pass")
     preflight(model, configs)
-    calib_cfg, ids = calib_config, calib
-    if not isinstance(calib, torch.Tensor):
-        from calib import load_calibration
-
-        if tokenizer is None:
-            raise CompressError("calib: a CalibConfig needs tokenizer=...; or pass token ids [nsamples, seqlen]")
-        calib_cfg, ids = calib, load_calibration(calib, tokenizer, model)
-    if ids.dim() != 2:
-        raise CompressError(f"calib: expected token ids of shape [nsamples, seqlen], got {tuple(ids.shape)}")
+    calib_cfg, ids = calibration(model, calib, tokenizer, calib_config)
     for cfg in configs:  # fail on missing training data before the sweep, not after it
         if cfg.model_level and lazy_of(model) is not None:
             raise CompressError(f"runner.offload: {cfg.name} trains the whole model at once; it cannot run offloaded")
@@ -148,8 +169,6 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
             layers += run_sweep(model, stage, ids, device=device, batch_size=batch_size,
                                 true_sequential=true_sequential, compute_dtype=dtype, state=state, stage=s)
         else:
-            from compress.trainer import retrain
-
             training[stage.name] = retrain(model, training_ids(stage, calib_cfg, tokenizer, model), stage, device)
         if state is not None:
             state.stage_done(s, model, not isinstance(stage, list), training.get(getattr(stage, "name", None)))

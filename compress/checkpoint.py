@@ -19,15 +19,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from compress.errors import CompressError
+from compress.reporting import write_extras
 
 log = logging.getLogger(__name__)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def check_output_dir(out_dir: str) -> Path:
@@ -123,18 +119,6 @@ def cast_state(model, dtype: Optional[torch.dtype]) -> Optional[dict]:
             copies[view] = t.detach().to(dtype)
         state[k] = copies[view]
     return state
-
-
-def write_extras(folder: Path, recipe: Optional[dict], report: Optional[dict]) -> None:
-    """recipe.yaml, report.json and the training loss curves beside the weights."""
-    if recipe is not None:
-        (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    if report is not None:
-        write_json(folder / "report.json", report)
-        for name, entry in (report.get("training") or {}).items():
-            from compress.trainer import plot_loss
-
-            plot_loss(entry["loss_curve"], folder / f"{name}_loss.png", f"{name}: training loss")
 
 
 def record_runtime_modules(model) -> None:
@@ -233,7 +217,7 @@ def load(path: str, dtype: Optional[torch.dtype] = None, device=None):
     (QuantLinear, ...) are rebuilt packed, as they were saved, without ever building the
     dense layers they replace.
 
-    With `device`, the model is made deployable there (compress.kernels.deploy): moved
+    With `device`, the model is made deployable there (compress.deploy): moved
     (in fp16 on CUDA unless `dtype` says otherwise), exact 2:4 linears compressed for
     the sparse tensor cores, and each packed layer given the fastest kernel the device
     runs (the plain-torch reference on CPU)."""
@@ -251,7 +235,7 @@ def load(path: str, dtype: Optional[torch.dtype] = None, device=None):
         model = auto_class(AutoConfig.from_pretrained(p)).from_pretrained(
             p, use_safetensors=True, **({"dtype": dtype} if dtype else {}))
     if device is not None:
-        from compress.kernels import deploy
+        from compress.deploy import deploy
         deploy(model, device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer

@@ -10,7 +10,7 @@ import torch
 
 from compress.api import as_configs, peak_rss_mib, run, versions
 from compress.errors import CompressError
-from compress.models import load_model
+from compress.loading import load_model
 from compress.recipe import EvalConfig, Recipe
 from compress.runner import preflight
 
@@ -49,6 +49,39 @@ def run_state(recipe: Recipe, ids: torch.Tensor, out_dir: Optional[str], run_dir
     return RunState(path, fingerprint(recipe.sha256, ids), resume=resume is not None)
 
 
+def load_for(recipe: Recipe, kept: bool):
+    """(model, tokenizer) of the recipe; offloaded (blocks left on disk) when the runner
+    asks for it, which needs a run folder to keep the compressed blocks in (`kept`)."""
+    if not recipe.runner.offload:
+        return load_model(recipe.model, getattr(torch, recipe.dtype))
+    if not kept:
+        raise CompressError("runner.offload: the compressed blocks are kept in a run folder; set output")
+    if recipe.calib.source == "self":
+        raise CompressError("runner.offload: calib.source 'self' generates text with the whole model; "
+                            "use c4, wikitext2, text or jsonl")
+    from compress.loading import resolve_model
+    from compress.offload import load_lazy
+
+    where, gguf = resolve_model(recipe.model)
+    if gguf:
+        raise CompressError("runner.offload: reads a safetensors model folder, not GGUF "
+                            "(write one with `compress export MODEL --format hf DIR`)")
+    return load_lazy(where, getattr(torch, recipe.dtype))
+
+
+def write_output(recipe: Recipe, out_dir: str, model, tokenizer, report: dict) -> None:
+    """The recipe's output: an export in `output.format`, else our own save."""
+    if recipe.output.format is not None:
+        from compress.export import export
+
+        export(model, tokenizer, out_dir, recipe.output.export_config(), report=report, recipe=recipe.resolved(),
+               inplace=True)
+    else:
+        from compress.checkpoint import save
+
+        save(out_dir, model, tokenizer, recipe=recipe.resolved(), report=report, dtype=recipe.output.dtype)
+
+
 def run_recipe(recipe: Recipe, output: Optional[str] = None, run_dir: Optional[str] = None,
                resume: Optional[str] = None) -> dict:
     """Run a validated recipe; return its report (also written beside the output).
@@ -56,29 +89,14 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None, run_dir: Optional[s
     Progress is saved after every block (see run_state); `resume` names the run folder
     of an interrupted run of the same recipe to continue."""
     from calib import load_calibration
-    from compress.checkpoint import check_output_dir, save
+    from compress.checkpoint import check_output_dir
     from compress.eval import ReferenceLogProbs
 
     out_dir = output or recipe.output.dir
     if out_dir is not None:
         check_output_dir(out_dir)  # before the long run, not after it
     t_start = time.perf_counter()
-    if recipe.runner.offload:
-        if out_dir is None and run_dir is None and resume is None:
-            raise CompressError("runner.offload: the compressed blocks are kept in a run folder; set output")
-        if recipe.calib.source == "self":
-            raise CompressError("runner.offload: calib.source 'self' generates text with the whole model; "
-                                "use c4, wikitext2, text or jsonl")
-        from compress.models import resolve_model
-        from compress.offload import load_lazy
-
-        where, gguf = resolve_model(recipe.model)
-        if gguf:
-            raise CompressError("runner.offload: reads a safetensors model folder, not GGUF "
-                                "(write one with `compress export MODEL --format hf DIR`)")
-        model, tokenizer = load_lazy(where, getattr(torch, recipe.dtype))
-    else:
-        model, tokenizer = load_model(recipe.model, getattr(torch, recipe.dtype))
+    model, tokenizer = load_for(recipe, kept=out_dir is not None or run_dir is not None or resume is not None)
     configs = as_configs(recipe.passes)
     preflight(model, configs)
     # Evaluation data first: a missing data set should fail before minutes of work.
@@ -111,13 +129,8 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None, run_dir: Optional[s
     report["summary"]["total_seconds"] = round(time.perf_counter() - t_start, 1)
     report["summary"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
     report["versions"] = versions()
-    if out_dir is not None and main and recipe.output.format is not None:
-        from compress.export import export
-
-        export(model, tokenizer, out_dir, recipe.output.export_config(), report=report, recipe=recipe.resolved(),
-               inplace=True)
-    elif out_dir is not None and main:
-        save(out_dir, model, tokenizer, recipe=recipe.resolved(), report=report, dtype=recipe.output.dtype)
+    if out_dir is not None and main:
+        write_output(recipe, out_dir, model, tokenizer, report)
     if state is not None and out_dir is not None:
         state.close()
     for name, ev in evaluation.items():

@@ -44,7 +44,8 @@ def _meta_model(spec: str):
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from compress.models import auto_class, resolve_model
+    from compress.loading import resolve_model
+    from compress.models import auto_class
     where, gguf = resolve_model(spec)
     config = AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
     with init_empty_weights():

@@ -132,13 +132,6 @@ class QuantResult:
     def dequantize(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scale, self.zero, self.spec, self.g_idx)
 
-    def to_module(self, bias=None):
-        from compress.nn.quant_linear import QuantLinear
-        from compress.nn.sparse_quant_linear import SparseQuantLinear
-
-        cls = SparseQuantLinear if self.sparse24 and self.g_idx is None else QuantLinear
-        return cls.from_result(self, bias)
-
 
 def column_groups(d_in: int, spec: QuantSpec, device=None) -> torch.Tensor:
     """[in] group index of each input column for contiguous groups."""

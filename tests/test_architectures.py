@@ -11,9 +11,10 @@ import compress
 from archs import ARCHS, VOCAB, ids, tiny
 from compress.capture import capture_inputs
 from compress.errors import CompressError
+from compress.masks import follows_nm
 from compress.models import block_linears, find_blocks
 from compress.nn import PackedLinear
-from compress.passes.base import follows_nm, make_config
+from compress.passes.base import make_config
 from compress.runner import run_sweep
 
 IGNORE = {"jamba": [r"mamba\.dt_proj"]}   # Jamba's mamba reads dt_proj.weight directly

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 
 import compress
 from compress.errors import CompressError
+from compress.masks import nm_mask
 from compress.nn import ArmorLinear
 from compress.nn.armor_linear import ArmorResult, factor_product, pack_positions, unpack_core
 from compress.passes.armor import ProxyLoss, discrete_step
-from compress.passes.base import Layer, make_config, nm_mask, pass_fn
+from compress.passes.base import Layer, make_config, pass_fn
 from helpers import check_cast_keeps_packed_state, check_reload_packed, correlated_inputs, is_nm, output_error, stats_of
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import compress
 from compress.errors import CompressError
+from compress.nn import module_for
 from compress.nn.gqsa_linear import GQSALinear, GroupSparseResult
 from compress.packing import unpack_bits
 from compress.passes.base import BLOCK_FNS, Layer, make_config, pass_fn
@@ -181,7 +182,7 @@ def test_group_sparse_result_by_hand():
                             torch.tensor([[0.5], [2.0]]), torch.tensor([[1.0], [0.0]]),
                             torch.tensor([[2], [0]]), 5)
     assert res.dequantize().tolist() == [[0.0, 0.0, 0.0, 0.0, -0.5], [2.0, 4.0, 0.0, 0.0, 0.0]]
-    m = res.to_module()
+    m = module_for(res)
     assert isinstance(m, GQSALinear) and m.kept_groups == 1 and m.in_features == 5 and m.out_features == 2
     # 2-bit codes, low bits first: [0, 3] -> 0 | 3 << 2 = 12; [1, 2] -> 1 | 2 << 2 = 9.
     assert m.qweight.tolist() == [[12], [9]] and m.qzeros.tolist() == [[1], [0]]

@@ -11,12 +11,12 @@ from archs import tiny
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import compress
-from compress.kernels import REFERENCE, choose, deploy, sparse24_candidates
+from compress.deploy import REFERENCE, bind, choose, deploy, sparse24_candidates
 from compress.kernels import reference as R
-from compress.nn import ArmorLinear, GQSALinear, QuantLinear, SparseQuantLinear
+from compress.masks import nm_mask
+from compress.nn import ArmorLinear, GQSALinear, QuantLinear, SparseQuantLinear, module_for
 from compress.nn.armor_linear import ArmorResult
 from compress.packing import pack_bits
-from compress.passes.base import nm_mask
 from compress.quantize import QuantSpec, rtn
 
 CUDA = torch.cuda.is_available()
@@ -41,7 +41,7 @@ def quant_module(N, K, bits, group, sym, sparse=False, seed=0) -> QuantLinear:
     keep = nm_mask(W.abs(), 2, 4) if sparse else None
     res = rtn(W if keep is None else W * keep, keep, QuantSpec(bits, group, sym))
     res.sparse24 = sparse
-    return res.to_module()
+    return module_for(res)
 
 
 def armor_module(N, K, b, seed=0) -> ArmorLinear:
@@ -50,7 +50,7 @@ def armor_module(N, K, b, seed=0) -> ArmorLinear:
     keep = nm_mask(S.abs(), 2, 4)
     A = torch.eye(b) + 0.1 * torch.randn(N // b, b, b, generator=g)
     B = torch.eye(b) + 0.1 * torch.randn(K // b, b, b, generator=g)
-    return ArmorResult(A.half(), B.half(), (S * keep).half().float(), keep).to_module()
+    return module_for(ArmorResult(A.half(), B.half(), (S * keep).half().float(), keep))
 
 
 # ----------------------------------------------------------------------------- reference
@@ -178,10 +178,10 @@ def bf16_dot(monkeypatch):
 @pytest.mark.parametrize("M", [1, 37])
 def test_triton_short_last_group_matches_reference(bits, group, sym, sparse, M, monkeypatch):
     _need_triton()
-    import compress.kernels as K
+    import compress.deploy as D
     m = quant_module(40, 100, bits, group, sym, sparse).to(DEV)
     assert m.scales.shape[1] == -(-100 // group)
-    monkeypatch.setattr(K, "triton_available", lambda device: True)
+    monkeypatch.setattr(D, "triton_available", lambda device: True)
     assert choose(m, torch.device("cuda")) != REFERENCE            # deploy gives such a layer the kernel
     got, want = _triton_vs_reference(m, torch.randn(M, 100).to(DEV, torch.float16), None)
     assert got.shape == (M, 40)
@@ -221,28 +221,31 @@ def test_launch_shapes():
 # ----------------------------------------------------------------------------- ArmorLinear fast path
 
 def test_armor_fast_path_matches_reference():
-    from compress.kernels.armor import armor_matmul, prepare
+    from compress.kernels.armor import armor_matmul
     m = armor_module(64, 128, 16)
-    kernel = prepare(m, torch.float32)
-    assert kernel == "armor-bmm" and not m._core_cache.is_sparse       # a CPU core stays dense
     x = torch.randn(2, 7, 128)
     want = R.armor_matmul(x, m.A, m.core(), m.B)
-    assert rel(armor_matmul(x, m.A, m._core_cache, m.B), want) < 1e-5
-    m.kernel = kernel
-    assert rel(m(x), want) < 1e-5                                      # forward dispatches to it
+    assert m.prepared_core is None and "prepared_core" not in m.state_dict()
+    assert bind(m, "armor-bmm", torch.float32) == "armor-bmm"          # a CPU core stays dense
+    assert m.prepared_core.dtype == torch.float32 and torch.equal(m.prepared_core, m.core())
+    assert rel(armor_matmul(x, m.A, m.prepared_core, m.B), want) < 1e-5
+    assert m.impl is not None and rel(m(x), want) < 1e-5               # forward runs the bound kernel
+    assert bind(m, REFERENCE) == REFERENCE and m.impl is None
+    with pytest.raises(ValueError, match="unknown kernel"):
+        bind(m, "armor-fast")
 
 
 # ----------------------------------------------------------------------------- choice and deploy
 
 def test_choose_by_device(monkeypatch):
-    import compress.kernels as K
+    import compress.deploy as D
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     q, s = quant_module(16, 64, 4, 32, False), quant_module(16, 64, 4, 32, False, sparse=True)
     g_idx = QuantLinear(64, 16, 4, 32, False, g_idx=True)
     gqsa = GQSALinear(64, 16, 4, 16, False, 2)
     a = armor_module(16, 64, 8)
     assert {choose(m, cpu) for m in (q, s, g_idx, gqsa, a)} == {REFERENCE}
-    monkeypatch.setattr(K, "triton_available", lambda device: device.type == "cuda")
+    monkeypatch.setattr(D, "triton_available", lambda device: device.type == "cuda")
     assert [choose(m, cuda) for m in (q, s, g_idx, gqsa, a)] == \
         ["triton-wNa16", "triton-2:4+wNa16", REFERENCE, REFERENCE, "armor-bmm"]
     assert choose(QuantLinear(64, 16, 3, 32, False), cuda) == REFERENCE       # 3-bit codes straddle words
@@ -277,7 +280,7 @@ def test_triton_kernels_in_a_whole_model(tiny_llama, tmp_path):
         want = model(ids.to(DEV)).logits
         for m in model.modules():
             if isinstance(m, SparseQuantLinear):
-                m.kernel = "triton-2:4+wNa16"
+                bind(m, "triton-2:4+wNa16")
         got = model(ids.to(DEV)).logits
     assert rel(got.cpu(), want.cpu()) < 1e-3
 

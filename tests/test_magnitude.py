@@ -46,7 +46,7 @@ def test_pruned_count_rounds_not_truncates(scope):
 
 
 def test_pruned_count_rule():
-    from compress.passes.base import pruned_count
+    from compress.masks import pruned_count
 
     assert [pruned_count(n, s) for n, s in [(360, 0.7), (10, 0.25), (10, 0.35), (9, 0.5), (7, 0.5)]] == [252, 2, 4, 4, 4]
 

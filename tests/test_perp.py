@@ -9,9 +9,9 @@ from torch import nn
 import compress
 from compress.errors import CompressError
 from compress.models import block_linears, find_blocks, get_weight
+from compress.optim import lr_factor
 from compress.passes.base import make_config
 from compress.passes.perp import Adapter, attach, merge
-from compress.trainer import lr_factor
 from helpers import is_nm
 
 TEXT = ("Pruning removes weights; retraining a few parameters brings the model back. " * 60 +
@@ -251,12 +251,19 @@ def test_training_data_skips_calibration_spans_of_one_text(tiny_tokenizer):
     ({"rank": 0}, "perp.rank"),
     ({"lr": 0}, "perp.lr"),
     ({"warmup": 1.5}, "perp.warmup"),
-    ({"data": {"source": "c5"}}, "perp.data.source"),
-    ({"data": {"nsample": 3}}, "perp.data.nsample"),
 ])
 def test_bad_config(args, match):
     with pytest.raises(CompressError, match=match):
         make_config("perp", args)
+
+
+@pytest.mark.parametrize("data, match", [({"source": "c5"}, "perp.data.source"), ({"nsample": 3}, "perp.data.nsample"),
+                                         ("c4", "perp.data: expected a calibration section")])
+def test_bad_data_section(data, match):
+    """The api validates a training data section as a calibration section, naming the field."""
+    from compress.api import as_configs
+    with pytest.raises(CompressError, match=match):
+        as_configs([{"perp": {"data": data}}])
 
 
 def test_needs_data_with_bare_token_ids_and_packed_layers_first(tiny_llama):

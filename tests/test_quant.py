@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import compress
 from compress.errors import CompressError
+from compress.nn import module_for
 from compress.nn.quant_linear import QuantLinear
 from compress.packing import pack_bits, packed_words, unpack_bits
 from compress.passes.base import Layer, make_config, pass_fn
@@ -575,7 +576,7 @@ def test_cli_bad_quant_recipe(tmp_path, tiny_dir, corpus, capsys, passes, messag
 def test_load_model_and_cli_eval_see_packed_layers(tiny_llama, tmp_path):
     """`compress eval OUT` and `--reference OUT` go through load_model: a folder with
     packed layers must come back packed, not as randomly initialized linears."""
-    from compress.models import load_model
+    from compress.loading import load_model
 
     compress.run(tiny_llama, [{"quant": {"method": "rtn", "group_size": 32}}], calib=calib_ids(300))
     compress.save(str(tmp_path / "q"), tiny_llama)
@@ -594,7 +595,7 @@ def test_sparse_quant_linear_stores_the_kept_half_by_hand():
     # 4-bit symmetric (zero code 8), one group: codes 8 where pruned
     codes = torch.tensor([[8, 3, 8, 12, 8, 8, 15, 8, 8, 8, 8, 8]], dtype=torch.uint8)
     res = QuantResult(QuantSpec(4, None, True), codes, torch.tensor([[0.5]]), torch.tensor([[8.0]]), sparse24=True)
-    m = res.to_module()
+    m = module_for(res)
     assert isinstance(m, SparseQuantLinear) and torch.equal(m.codes(), codes)
     assert torch.equal(m.effective_weight(), torch.tensor([[0, -2.5, 0, 2, 0, 0, 3.5, 0, 0, 0, 0, 0]]))
     assert m.storage_bits() == 32 + 32 + 16        # 6 codes x 4 bits and 3 patterns x 3 bits (one word each), a scale
@@ -607,8 +608,8 @@ def test_sparse_quant_linear_matches_the_dense_quant_linear():
     W = W * (torch.rand(64, 144, 4).argsort(-1) < 2).reshape(64, 576)      # random exact 2:4
     for sym in (True, False):
         res = rtn(W, W != 0, QuantSpec(4, 64, sym))
-        dense, res.sparse24 = res.to_module(), True
-        sparse = res.to_module()
+        dense, res.sparse24 = module_for(res), True
+        sparse = module_for(res)
         assert isinstance(sparse, SparseQuantLinear) and torch.equal(sparse.effective_weight(), dense.effective_weight())
         # per row: 288 kept codes x 4 bits = 36 words, 144 patterns x 3 bits = 432 bits -> 14 words,
         # 9 fp16 scales [+ 9 zero points x 4 bits -> 2 words]: about 3.03 bits per weight

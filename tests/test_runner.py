@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import compress
+from compress.block import collect_stats, input_groups
+from compress.capture import capture_inputs
 from compress.errors import CompressError
 from compress.models import block_linears, find_blocks, get_weight
-from compress.runner import capture_inputs, collect_stats, input_groups
 from helpers import is_nm
 
 
@@ -220,8 +221,8 @@ def test_python_api_with_calib_config(tiny_llama, tiny_tokenizer):
 
 
 def test_segments_keep_recipe_order():
+    from compress.block import segments
     from compress.passes.base import make_config
-    from compress.runner import segments
 
     sweep = [make_config(n, a) for n, a in [("wanda", {}), ("perp", {"mode": "reconstruct", "train": ["masklora"]}),
                                             ("quant", {"method": "rtn"})]]
@@ -233,9 +234,9 @@ def test_segments_keep_recipe_order():
 def test_a_packed_weight_that_is_not_the_propagated_one_is_refused():
     from torch import nn
 
+    from compress.block import finish_linear
     from compress.passes.base import Layer
     from compress.quantize import QuantSpec, rtn
-    from compress.runner import finish_linear
 
     W = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
     layer = Layer("model.layers.0.mlp.up_proj", W.clone(), W.clone(), None)

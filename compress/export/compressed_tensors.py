@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.export import fold_packed
+from compress.export.fold import fold_packed
+from compress.masks import follows_nm
 from compress.models import block_linears, find_blocks, get_weight
 from compress.nn.quant_linear import QuantLinear
 from compress.nn.sparse_quant_linear import pattern_of, positions_of
-from compress.passes.base import follows_nm
 from compress.packing import pack_bits
 
 log = logging.getLogger(__name__)

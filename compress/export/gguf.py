@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from compress.errors import CompressError
-from compress.export import fold_packed
+from compress.export.fold import fold_packed
 
 log = logging.getLogger(__name__)
 

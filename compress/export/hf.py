@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from compress.export import fold_packed
+from compress.export.fold import fold_packed
 
 
 def write(model, tokenizer, folder: Path, cfg) -> dict:

@@ -1,9 +1,10 @@
-"""ArmorLinear's fast path: y = A (S (B x)) as a batched b x b matmul, the 2:4 core
-matmul, and another batched b x b matmul; W_hat = A S B is never formed.
+"""ARMOR's fast path: y = A (S (B x)) as a batched b x b matmul, the 2:4 core matmul,
+and another batched b x b matmul; W_hat = A S B is never formed.
 
-The core S [out, in] is unpacked from (values, positions) once, by `prepare`, and kept
-in the activation dtype: compressed for the sparse tensor cores where the device takes
-it (compress/kernels/sparse24.py), dense otherwise. The meaning is reference.armor_matmul.
+The core S [out, in] comes in unpacked, in the activation dtype: compressed for the
+sparse tensor cores where the device takes it (compress/kernels/sparse24.py), dense
+otherwise (compress.deploy prepares it once per module). The meaning is
+reference.armor_matmul.
 """
 from __future__ import annotations
 
@@ -11,16 +12,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-from compress.kernels.sparse24 import compress_weight, why_not
-
-
-def prepare(module, dtype: torch.dtype) -> str:
-    """Unpack the module's core once; returns the kernel name it will run."""
-    S = module.core().to(dtype)                                   # [out, in], exact 2:4
-    sparse = why_not(S) is None
-    module._core_cache = compress_weight(S) if sparse else S
-    return "armor-bmm+2:4" if sparse else "armor-bmm"
 
 
 def block_rows(h: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The loop both Triton weight-only kernels share: y [M, N] = x [M, K] W_hat^T, with each
 [BK, BN] tile of W_hat^T rebuilt in registers by a tile function and fed to tl.dot.
 
-    dense codes (QuantLinear):            quant_matmul._dequant_tile
-    2:4 kept codes (SparseQuantLinear):   sparse_quant_matmul._sparse_tile
+    dense codes (QuantLinear):            tiles.dequant_tile
+    2:4 kept codes (SparseQuantLinear):   tiles.sparse_tile
 
 Every program computes a [BM, BN] tile of y and walks K in steps of BK. A K-step never
 crosses a quantization group (BK divides g), so a step's scale and zero point are one
@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compress.kernels.quant_matmul import _dequant_tile
-from compress.kernels.sparse_quant_matmul import _sparse_tile
+from compress.kernels.tiles import dequant_tile, sparse_tile
 
 
 @triton.jit
@@ -42,10 +41,10 @@ def _gemm_kernel(x_ptr, qw_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, P_WORDS,
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
                     mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)          # [BM, BK]
         if SPARSE:
-            w = _sparse_tile(qw_ptr, p_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, P_WORDS,
+            w = sparse_tile(qw_ptr, p_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, P_WORDS,
                              stride_qn, stride_pn, stride_sn, stride_zn, GROUP, BITS, SYM)
         else:
-            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, stride_qn, stride_sn, stride_zn,
+            w = dequant_tile(qw_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, stride_qn, stride_sn, stride_zn,
                               GROUP, BITS, SYM)                                      # [BK, BN]
         acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
     out = y_ptr + rm[:, None] * stride_ym + rn[None, :]

@@ -10,7 +10,8 @@ Semi-Structured Pruning via Adaptive Matrix Factorization").
                                 as in the 2:4 sparse tensor-core format
 
 The forward never forms W_hat: y = A (S (B x)), i.e. two batched b x b matmuls around
-a 2:4 matmul (compress/kernels has the fast paths; this is the reference).
+a 2:4 matmul (compress/kernels has the fast paths, which compress.deploy binds; this
+is the reference).
 """
 from __future__ import annotations
 
@@ -69,9 +70,6 @@ class ArmorResult:
     def dequantize(self) -> torch.Tensor:
         return factor_product(self.A.float(), self.core.float(), self.B.float())
 
-    def to_module(self, bias=None) -> "ArmorLinear":
-        return ArmorLinear.from_result(self, bias)
-
 
 @runtime
 class ArmorLinear(PackedLinear):
@@ -85,6 +83,9 @@ class ArmorLinear(PackedLinear):
         self.register_buffer("B", eye(in_features // b))
         self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=FACTOR_DTYPE))
         self.register_buffer("positions", torch.zeros(out_features, (in_features // 4 + 1) // 2, dtype=torch.uint8))
+        # S unpacked once in the activation dtype (dense, or compressed for the sparse
+        # tensor cores) for a fast kernel; compress.deploy.bind fills it. Not saved.
+        self.register_buffer("prepared_core", None, persistent=False)
 
     @classmethod
     def from_result(cls, res: ArmorResult, bias: Optional[torch.Tensor] = None) -> "ArmorLinear":
@@ -118,9 +119,8 @@ class ArmorLinear(PackedLinear):
         return self.A.numel() + self.B.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel != "reference":
-            from compress.kernels import run
-            return run(self, x)
+        if self.impl is not None:
+            return self.impl(self, x)
         # y = A (S (B x)) in rows: x [.., in] -> x B^T -> (x B^T) S^T -> (..) A^T
         lead, dt = x.shape[:-1], x.dtype
         b = self.block_size

@@ -30,7 +30,11 @@ class PackedLinear(nn.Module):
     rebuilds an empty module: `cls.empty(meta)`), and the buffers listed in `PACKED`."""
 
     PACKED: tuple = ()
-    kernel = "reference"  # what forward runs; compress.kernels.deploy picks a fast one per device
+    replaces_linear = True   # compress.models finds blocks of packed layers by this
+    # What forward runs: its own plain-torch reference, unless compress.deploy bound a
+    # fast kernel, impl(module, x) -> y, and named it in `kernel`.
+    kernel = "reference"
+    impl = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -60,9 +64,8 @@ class PackedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel != "reference":
-            from compress.kernels import run
-            return run(self, x)
+        if self.impl is not None:
+            return self.impl(self, x)
         # Reference path: dequantize, then a dense matmul.
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.effective_weight().to(x.dtype), bias)

@@ -65,9 +65,6 @@ class GroupSparseResult:
         values = dequantize(self.codes, self.scale[..., None], self.zero[..., None])
         return scatter_groups(values, self.idx, self.d_in, self.spec.n_groups(self.d_in))
 
-    def to_module(self, bias=None) -> "GQSALinear":
-        return GQSALinear.from_result(self, bias)
-
 
 @runtime
 class GQSALinear(PackedLinear):

@@ -1,5 +1,5 @@
 """SparseLinear: an nn.Linear whose exact 2:4 weight is kept compressed for the sparse
-tensor cores (compress/kernels/sparse24.py). Built by `compress.kernels.deploy` on a
+tensor cores (compress/kernels/sparse24.py). Built by `compress.deploy.deploy` on a
 CUDA device from a plain nn.Linear; a 2:4 model is saved as plain linears with zeros in
 place, so there is nothing of its own to save or load.
 """

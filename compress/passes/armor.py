@@ -40,8 +40,9 @@ import torch
 
 from compress.errors import CompressError
 from compress.kernels.reference import PAIRS   # [6, 2] the two-of-four supports
+from compress.masks import nm_mask
 from compress.nn.armor_linear import ArmorResult, FACTOR_DTYPE, factor_product
-from compress.passes.base import Layer, PassConfig, nm_mask, register
+from compress.passes.base import Layer, PassConfig, register
 
 PRESETS = {"default": 100, "fast": 30}                                  # iterations
 

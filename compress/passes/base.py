@@ -1,5 +1,6 @@
 """What every pass shares: the config base class, the per-layer view a pass works on,
-the registry, and the sparsity-mask helpers.
+the registry, the block context of block passes, and the pruning configs' pattern rules
+(the mask math itself is compress.masks).
 
 A pass is a config dataclass plus one function `fn(layer, cfg)` that does the math on a
 single linear layer (rule 2 of the developers' guide). The runner builds the `Layer`,
@@ -15,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from compress.errors import CompressError
+from compress.masks import check_nm_fits, nm_mask, topk_mask
 from compress.stats import InputStats
 
 
@@ -81,7 +83,7 @@ class Layer:
     stats: Optional[InputStats]
     info: dict = field(default_factory=dict)  # per-layer notes a pass adds to report.json
     # The runtime form a packing pass produced (e.g. a QuantResult): it has
-    # `dequantize()` (equal to W) and `to_module(bias)`; the runner swaps it in.
+    # `dequantize()` (equal to W); the runner swaps in compress.nn.module_for(packed).
     packed: Optional[object] = None
     # The N:M pattern (N, M) the zeros of W follow, set by the pruning pass that made
     # them; a later pass that moves zeros (DSnoT) keeps it.
@@ -134,24 +136,19 @@ class BlockContext:
     block    the decoder block, on `device`, parameters in the calibration dtype `dtype`
     layers   {qualified name: Layer} of the layers the pass targets, after the layer passes
     modules  {qualified name: the linear module in `block`} (same keys)
-    inputs   this block's calibration batches (capture.BlockInput: hidden [batch, seq, d]
-             and the arguments the model gives this block)
-    targets  the dense block's output for each batch [batch, seq, d]
+    targets  the dense block's output for each calibration batch [batch, seq, d]
+    forward  forward(k): the block's output [batch, seq, d] on calibration batch k, as
+             the block stands now (with the arguments the model gives this block);
+             gradients follow the caller's mode, so a pass can train through it
     """
 
     block: "torch.nn.Module"
     layers: dict
     modules: dict
-    inputs: list
     targets: list
     device: torch.device
     dtype: torch.dtype
-
-    def forward(self, k: int) -> torch.Tensor:
-        """The block's output on calibration batch k."""
-        from compress.capture import forward_block
-
-        return forward_block(self.block, self.inputs[k], self.device)
+    forward: Callable[[int], torch.Tensor]
 
 
 def make_config(name: str, args: Optional[dict]) -> PassConfig:
@@ -249,52 +246,6 @@ class SparsityConfig(PassConfig):
         if nm:
             return 1 - nm[0] / nm[1]
         return 0.5 if self.sparsity is None else float(self.sparsity)
-
-
-def check_nm_fits(layer_name: str, d_in: int, nm: tuple[int, int]) -> None:
-    if d_in % nm[1]:
-        raise CompressError(f"pattern {nm[0]}:{nm[1]}: layer {layer_name} has input size {d_in}, not a multiple of {nm[1]}")
-
-
-def follows_nm(mask: torch.Tensor, n: int, m: int) -> bool:
-    """Whether every group of m consecutive inputs of mask [out, in] (True = kept, or a
-    weight: non-zero = kept) keeps at most n."""
-    out, d_in = mask.shape
-    return d_in % m == 0 and bool(((mask != 0).reshape(out, d_in // m, m).sum(-1) <= n).all())
-
-
-def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the n highest scores in every group of m consecutive inputs.
-    score [out, in] -> bool mask [out, in]."""
-    out, d_in = score.shape
-    groups = score.reshape(out, d_in // m, m)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(2, groups.topk(n, dim=2).indices, True)
-    return keep.reshape(out, d_in)
-
-
-def pruned_count(n: int, sparsity: float) -> int:
-    """How many of n weights (or groups) a sparsity prunes: the nearest integer to
-    n * sparsity, exact halves to the even count (Python's round). Every pass uses this
-    one rule; truncating instead would prune 251 of 360 at 0.7, since 360 * 0.7 is
-    251.99999999999997 in floating point."""
-    return round(n * sparsity)
-
-
-def topk_mask(score: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
-    """Prune the lowest `sparsity` fraction of scores per row ('row') or over the whole
-    matrix ('layer'), `pruned_count` of them. Ties are broken by index, so exactly that
-    count is pruned."""
-    if scope == "row":
-        k = pruned_count(score.shape[1], sparsity)
-        drop = score.argsort(dim=1, stable=True)[:, :k]
-        keep = torch.ones_like(score, dtype=torch.bool)
-        keep.scatter_(1, drop, False)
-        return keep
-    k = pruned_count(score.numel(), sparsity)
-    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
-    keep[score.flatten().argsort(stable=True)[:k]] = False
-    return keep.reshape(score.shape)
 
 
 def prune_by_score(score: torch.Tensor, cfg: SparsityConfig, layer: Layer) -> torch.Tensor:

@@ -38,7 +38,8 @@ from typing import Optional
 import torch
 
 from compress.errors import CompressError
-from compress.passes.base import Layer, PassConfig, check_nm_fits, parse_pattern, register
+from compress.masks import check_nm_fits
+from compress.passes.base import Layer, PassConfig, parse_pattern, register
 
 
 @dataclass

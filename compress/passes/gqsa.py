@@ -39,8 +39,9 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.linalg import handle_dead_inputs, inverse_cholesky
+from compress.masks import pruned_count
 from compress.nn.gqsa_linear import GroupSparseResult
-from compress.passes.base import BlockContext, Layer, pruned_count, register, register_block
+from compress.passes.base import BlockContext, Layer, register, register_block
 from compress.passes.quant import QuantConfig, gptq
 from compress.quantize import QuantSpec, grouped, round_scale, rtn
 

@@ -20,9 +20,9 @@ B and row of A to ones and the rest like LoRA (B = 0, A random): B A = 1 still, 
 r components can learn.
 
 Two modes:
-    retrain      (default) a model-level pass: the runner trains the whole model on
-                 next-token loss over `data` (disjoint from the calibration windows),
-                 after the sweep of layer passes before it, then merges.
+    retrain      (default) a model-level stage: compress.training trains the whole
+                 model on next-token loss over `data` (disjoint from the calibration
+                 windows, loaded by the api), after the sweep before it, then merges.
     reconstruct  a block pass: in the sequential sweep, each block's adapters are fitted
                  so the compressed block's output matches the dense block's output on the
                  calibration batches (mean squared error), then merged.
@@ -40,6 +40,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.models import get_weight, is_linear, set_weight
+from compress.optim import fit
 from compress.passes.base import BlockContext, PassConfig, register, register_block
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class PerpConfig(PassConfig):
     grad_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp16 | no
     seed: int = 0
-    data: Optional[dict] = None    # retrain: a calib section (source, nsamples, seqlen...)
+    data: Optional[dict] = None    # retrain: a calib section (source, nsamples, seqlen...); the api validates and loads it
 
     needs_stats = False
 
@@ -93,14 +94,8 @@ class PerpConfig(PassConfig):
         if self.mode == "reconstruct" and (self.adapter is None or len(self.train) > 1):
             raise CompressError("perp.train: mode reconstruct fits one adapter per linear layer of each block; "
                                 f"expected [masklora] or [scalelora], got {self.train!r}")
-        if self.data is not None:
-            from calib import CalibConfig
-            from compress.config import build_config
-
-            try:
-                build_config(CalibConfig, self.data, "perp.data").validate()
-            except CompressError as e:
-                raise CompressError(str(e).replace("calib.", "perp.data.", 1)) from None
+        if self.data is not None and not isinstance(self.data, dict):
+            raise CompressError(f"perp.data: expected a calibration section (a mapping), got {self.data!r}")
 
     @property
     def adapter(self) -> Optional[str]:
@@ -237,8 +232,6 @@ def reconstruct(ctx: BlockContext, cfg: PerpConfig) -> None:
     """Fit the block's adapters so its output matches the dense block's on the
     calibration batches (mean squared error), and merge them into the layers only if
     that error went down (measured on all batches before and after)."""
-    from compress.trainer import fit
-
     if cfg.mode != "reconstruct" or not ctx.targets:
         return
     path = {id(m): p for p, m in ctx.block.named_modules()}

@@ -30,7 +30,8 @@ import torch
 
 from compress.errors import CompressError
 from compress.linalg import handle_dead_inputs, inverse_cholesky
-from compress.passes.base import Layer, PassConfig, follows_nm, register
+from compress.masks import follows_nm
+from compress.passes.base import Layer, PassConfig, register
 from compress.quantize import QuantResult, QuantSpec, column_groups, dequantize, fit, grouped, quantize, rtn
 
 

@@ -25,7 +25,8 @@ import torch
 
 from compress.errors import CompressError
 from compress.linalg import handle_dead_inputs, inverse_cholesky
-from compress.passes.base import Layer, SparsityConfig, check_nm_fits, nm_mask, register, topk_mask
+from compress.masks import check_nm_fits, nm_mask, topk_mask
+from compress.passes.base import Layer, SparsityConfig, register
 
 
 @dataclass

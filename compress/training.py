@@ -1,39 +1,23 @@
-"""The runner's training loops: the model-level one (PERP's retraining, through
-`accelerate`, so `accelerate launch` spreads it over several GPUs) and the block-level
-one that reconstruct-style block passes call. Both use AdamW on the given parameters
-only (frozen weights get no optimizer state), linear warm-up then linear or cosine
-decay to 0, gradient accumulation, and a tqdm bar that shows the loss.
-
-Schedule (t = optimizer step, T = steps, w = warm-up steps):
-    lr(t) = lr * (t + 1) / w                                  t < w
-    lr(t) = lr * d((t - w) / (T - w)),  d(u) = 1 - u  or  (1 + cos(pi u)) / 2
+"""Model-level training: PERP's retraining of the whole compressed model on next-token
+loss, through `accelerate`, so that `accelerate launch` spreads it over several GPUs.
+The api runs it as a stage of its own between sweeps, on token ids the pipeline loaded;
+the adapter math (attach, merge) is PERP's (compress.passes.perp), the optimizer and
+schedule compress.optim's.
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from compress.errors import CompressError
 from compress.models import block_linears, find_blocks, head_of
+from compress.optim import adamw
+from compress.passes.perp import attach, merge
 
 log = logging.getLogger(__name__)
-
-
-def lr_factor(cfg, total: int) -> Callable[[int], float]:
-    """The multiplier of cfg.lr at optimizer step t (see the module docstring)."""
-    warm = int(round(cfg.warmup * total))
-
-    def f(t: int) -> float:
-        if t < warm:
-            return (t + 1) / warm
-        u = (t - warm) / max(total - warm, 1)
-        return 1 - u if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * u))
-    return f
 
 
 def mixed_precision(cfg, device: torch.device) -> str:
@@ -44,38 +28,6 @@ def mixed_precision(cfg, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
-
-
-def _optimizer(params, cfg, total: int):
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total))
-
-
-def fit(params: list, loss_fn: Callable[[int], torch.Tensor], n_items: int, cfg, device: torch.device,
-        dtype: torch.dtype, desc: str = "perp block") -> list[float]:
-    """Minimize the mean of loss_fn(k) over items k < n_items on one device: cfg.steps
-    optimizer steps of cfg.grad_accum items each, items in a seeded order reshuffled
-    every pass. Forwards run under autocast in `dtype` when it is a half type.
-    Returns the loss of each optimizer step."""
-    opt, sched = _optimizer(params, cfg, cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    curve = []
-    half = dtype in (torch.float16, torch.bfloat16)
-    with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=half):
-        for _ in range(cfg.steps):
-            total = 0.0
-            for _ in range(cfg.grad_accum):
-                if not order:
-                    order = torch.randperm(n_items, generator=gen).tolist()
-                loss = loss_fn(order.pop()) / cfg.grad_accum
-                loss.backward()
-                total += loss.item()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            curve.append(total)
-    return curve
 
 
 def _loop(acc, wrapped, opt, sched, loader, cfg) -> tuple[list[float], int]:
@@ -123,7 +75,6 @@ def retrain(model, ids: torch.LongTensor, cfg, device: torch.device) -> dict:
     parameters, steps, tokens seen, seconds and the loss curve."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from compress.passes.perp import attach, merge
 
     prefix, blocks = find_blocks(model)
     linears = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in block_linears(b)]
@@ -141,7 +92,7 @@ def retrain(model, ids: torch.LongTensor, cfg, device: torch.device) -> dict:
                       cpu=device.type == "cpu")
     loader = torch.utils.data.DataLoader(ids, batch_size=cfg.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(cfg.seed), drop_last=len(ids) >= cfg.batch_size)
-    opt, sched = _optimizer(params, cfg, cfg.steps)
+    opt, sched = adamw(params, cfg, cfg.steps)
     was_training = model.training
     if cfg.grad_checkpointing:
         _checkpointing(model, True)
@@ -165,19 +116,3 @@ def retrain(model, ids: torch.LongTensor, cfg, device: torch.device) -> dict:
     return {"trainable_params": trainable, "trainable_pct": 100 * trainable / total_params, "steps": len(curve),
             "tokens": tokens, "seconds": round(seconds, 1), "mixed_precision": acc.mixed_precision,
             "loss_curve": [round(v, 5) for v in curve], **notes}
-
-
-def plot_loss(curve: list[float], path, title: str) -> None:
-    """The loss per optimizer step as a PNG (matplotlib, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(range(1, len(curve) + 1), curve, lw=1.2)
-    ax.set(xlabel="optimizer step", ylabel="loss", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

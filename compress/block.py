@@ -1,0 +1,204 @@
+"""One decoder block's compression: the runner hands it a block on the device and that
+block's calibration inputs; this module does the rest for that block.
+
+1. `collect_stats`: one forward over the calibration batches with hooks that accumulate
+   the statistics of each *distinct* linear input (q/k/v read one tensor: one X^T X).
+2. The sweep is cut into `segments` after every block pass, so that passes run in
+   recipe order. Each segment runs its layer passes on fresh statistics of the block as
+   it then stands (`_layer_stage`), then its block pass (GQSA's BQPO, PERP reconstruct),
+   which gets a `BlockContext` whose `forward(k)` replays calibration batch k.
+3. `finish_linear` writes each layer's final weight and makes its report row.
+
+    hidden [batch, seq, d_model] per calibration batch
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from compress.capture import BlockInput, forward_block
+from compress.errors import CompressError
+from compress.models import set_weight
+from compress.passes.base import BLOCK_FNS, BlockContext, Layer, PassConfig, pass_fn
+from compress.stats import InputStats
+
+
+@torch.no_grad()
+def collect_stats(block, linears: dict, inputs: list[BlockInput], want_xtx: bool, device,
+                  max_batches: Optional[int] = None, outputs: Optional[list] = None,
+                  act_device=None) -> dict[str, InputStats]:
+    """One forward over the calibration batches with hooks on `linears`.
+
+    Layers that read the very same tensor (q/k/v, gate/up) share one InputStats, so
+    their X^T X is accumulated once. Returns {layer name: stats}; iteration order is
+    the order in which the distinct inputs were first seen (execution order). With
+    `outputs` (a list), the block's outputs are appended to it (on `act_device`)."""
+    stats: dict[str, InputStats] = {}
+    owner: dict[str, str] = {}
+    seen: list[tuple[torch.Tensor, str]] = []  # first batch only: (input tensor, its owner)
+
+    def make_hook(name):
+        def hook(module, args, out):
+            x = args[0]
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(f"non-finite activations at the input of {name}")
+            if name not in owner:
+                twin = next((o for t, o in seen if t is x), None)
+                owner[name] = twin or name
+                if twin is None:
+                    stats[name] = InputStats(x.shape[-1], want_xtx, x.device)
+                    seen.append((x, name))
+                else:
+                    stats[name] = stats[twin]
+            if owner[name] == name:
+                stats[name].update(x)
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        for k, inp in enumerate(inputs[:max_batches]):
+            out = forward_block(block, inp, device)
+            if outputs is not None:
+                outputs.append(out.to(act_device or out.device))
+            seen.clear()  # drop references to the first batch's activations
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def input_groups(stats: dict[str, InputStats]) -> list[list[str]]:
+    """Layers grouped by shared input, in execution order: qkv -> o -> gate/up -> down."""
+    groups: dict[int, list[str]] = {}
+    for name, s in stats.items():
+        groups.setdefault(id(s), []).append(name)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def compress_linear(layer: Layer, module: nn.Module, stats: Optional[InputStats], cfgs: list[PassConfig]) -> None:
+    """Run the layer passes `cfgs` that target this layer on its fp32 working weight
+    layer.W [out, in]; the module gets the result (in its compute dtype) at once, for
+    the statistics and forwards that follow."""
+    layer.stats = stats if stats is not None else layer.stats
+    t0 = time.perf_counter()
+    for cfg in cfgs:
+        if cfg.applies_to(layer.name):
+            pass_fn(cfg)(layer, cfg)
+            if not torch.isfinite(layer.W).all():
+                raise FloatingPointError(f"{layer.name}: non-finite weights after pass {cfg.name}")
+    layer.info["seconds"] = round(layer.info.get("seconds", 0.0) + time.perf_counter() - t0, 4)
+    set_weight(module, layer.W)
+
+
+def finish_linear(layer: Layer, module: nn.Module, master: torch.Tensor, sweep: list[PassConfig]) -> dict:
+    """Write the layer's final weight to its master and module; return its report row.
+    A packed layer must compute exactly what the block was propagated with: its
+    dequantized weight is checked against layer.W."""
+    if layer.packed is not None and not torch.equal(layer.packed.dequantize().float(), layer.W):
+        raise RuntimeError(f"{layer.name}: the packed weight differs from the weight the block was calibrated "
+                           f"and propagated with (a pass changed the weight after packing it)")
+    master.copy_(layer.W)
+    set_weight(module, layer.W)
+    rel = layer.stats.relative_error(layer.W_dense, layer.W) if layer.stats is not None else None
+    return {"layer": layer.name, "passes": [c.name for c in sweep if c.applies_to(layer.name)],
+            "shape": list(master.shape), "sparsity": float((layer.W == 0).float().mean()), "rel_error": rel,
+            **layer.info}
+
+
+def segments(sweep: list[PassConfig]) -> list[list[PassConfig]]:
+    """The sweep cut after every pass with a block function, so that passes run in
+    recipe order: [wanda, perp(reconstruct), quant] -> [[wanda, perp], [quant]]. Each
+    segment runs its layer passes, then its last pass's block function (GQSA's one-shot
+    layer stage is followed by its own BQPO in the same segment)."""
+    out: list[list[PassConfig]] = [[]]
+    for cfg in sweep:
+        out[-1].append(cfg)
+        if cfg.name in BLOCK_FNS:
+            out.append([])
+    return [seg for seg in out if seg]
+
+
+def _targeted(linears: dict, cfgs: list[PassConfig]) -> dict:
+    """The linears {name: module} that at least one of `cfgs` targets."""
+    return {n: m for n, m in linears.items() if any(c.applies_to(n) for c in cfgs)}
+
+
+def _stats_forward(cfgs: list[PassConfig], mine: dict) -> bool:
+    """Whether the layer stage of `cfgs` (targeting `mine`) runs a statistics forward."""
+    return bool(mine) and any(c.needs_stats for c in cfgs)
+
+
+@torch.no_grad()
+def _layer_stage(block, linears: dict, layers: dict, cfgs: list[PassConfig], inputs: list[BlockInput], device,
+                 true_sequential: bool, targets: Optional[list] = None, act_device=None) -> None:
+    """Statistics of the block as it stands, then the layer passes `cfgs` on `layers`.
+    With `targets` (a list), the first statistics forward also appends the block's
+    outputs to it (the dense block's, for block passes)."""
+    mine = _targeted(linears, cfgs)
+    want_xtx = any(c.needs_xtx for c in cfgs)
+    if not _stats_forward(cfgs, mine):
+        for n, m in mine.items():
+            compress_linear(layers[n], m, None, cfgs)
+    elif not true_sequential:
+        stats = collect_stats(block, mine, inputs, want_xtx, device, outputs=targets, act_device=act_device)
+        _check_observed(mine, stats)
+        for n, m in mine.items():
+            compress_linear(layers[n], m, stats[n], cfgs)
+    else:
+        # true_sequential: re-collect statistics before each group of layers that share
+        # an input, so that o_proj calibrates on the output of the compressed q/k/v.
+        first = collect_stats(block, mine, inputs, False, device, max_batches=1)
+        _check_observed(mine, first)
+        for group in input_groups(first):
+            sub = {n: linears[n] for n in group}
+            if sub:
+                stats = collect_stats(block, sub, inputs, want_xtx, device)
+                for n, m in sub.items():
+                    compress_linear(layers[n], m, stats[n], cfgs)
+
+
+@torch.no_grad()
+def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput], sweep: list[PassConfig],
+                   device, true_sequential: bool, act_device=None, dtype=None) -> tuple[list[dict], dict]:
+    """Statistics, layer passes, block passes (in recipe order, `segments`) and report
+    rows for one block (already on `device`). linears {qualified name: module} are the
+    targeted layers, masters their fp32 weights [out, in]. Returns (report rows,
+    {name: packed result} of packing passes)."""
+    layers = {n: Layer(n, masters[n].clone(), masters[n].clone(), None) for n in linears}
+    parts = segments(sweep)
+    targets = None   # the dense block's outputs, for block passes
+    share = False    # whether the first statistics forward records them
+    if any(c.name in BLOCK_FNS for c in sweep):
+        targets = []
+        share = not true_sequential and _stats_forward(parts[0], _targeted(linears, parts[0]))
+        if not share:
+            targets += [forward_block(block, inp, device).to(act_device) for inp in inputs]
+    for k, seg in enumerate(parts):
+        _layer_stage(block, linears, layers, seg, inputs, device, true_sequential,
+                     targets if share and k == 0 else None, act_device)
+        cfg = seg[-1]
+        mine = _targeted(linears, [cfg])
+        if cfg.name in BLOCK_FNS and mine:
+            ctx = BlockContext(block, {n: layers[n] for n in mine}, mine, targets, device, dtype,
+                               forward=lambda b: forward_block(block, inputs[b], device))
+            BLOCK_FNS[cfg.name](ctx, cfg)
+            for n in mine:   # what later segments and the propagation see
+                set_weight(linears[n], layers[n].W)
+    rows = [finish_linear(layers[n], m, masters[n], sweep) for n, m in linears.items()]
+    return rows, {n: L.packed for n, L in layers.items() if L.packed is not None}
+
+
+def _check_observed(linears: dict, stats: dict) -> None:
+    """Every targeted linear must have been called as a module in the statistics forward.
+    One whose weight the model reads directly (Jamba's mamba.dt_proj) has no inputs to
+    observe, and a packed replacement would break that forward: refused, naming it."""
+    for n in linears:
+        if n not in stats:
+            rel = re.sub(r"^.*?\.\d+\.", "", n)   # the name inside the block
+            raise CompressError(f"model: {n} is never called as a layer (the model reads its weight directly), so "
+                                f"its inputs cannot be observed; add '{re.escape(rel)}' to the passes' ignore")

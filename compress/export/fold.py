@@ -1,0 +1,31 @@
+"""Folding: a runtime module a serving format cannot express becomes a dense nn.Linear
+of its effective weight, or, unless the user asked for that, an error naming it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from compress.nn.base import PackedLinear
+
+log = logging.getLogger(__name__)
+
+
+def fold_packed(model: nn.Module, dtype: torch.dtype, keep: tuple = (), why: str = "", fold: bool = True) -> list:
+    """Replace every runtime module (PackedLinear) not of a class in `keep` by a dense
+    nn.Linear of its effective weight. With fold=False such a module is an error that
+    names it and says `why` the format cannot hold it. Returns the folded names."""
+    folded = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, PackedLinear) and not isinstance(m, keep):
+            if not fold:
+                raise CompressError(f"export: {name} is a {type(m).__name__}, which {why}; "
+                                    "pass fold: true (--fold) to store its effective weight densely")
+            model.set_submodule(name, m.to_linear(dtype))
+            folded.append(name)
+    if folded:
+        log.warning("export: %d layers folded into dense %s weights (%s, ...)", len(folded), dtype, folded[0])
+    return folded

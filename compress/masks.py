@@ -1,0 +1,56 @@
+"""Sparsity masks: which weights of a matrix [out, in] a pruning score keeps.
+
+Tensors in, tensors out: the pruning passes, DSnoT, the N:M checks of export and the
+runtime modules all share these, so they live below all of them. True = kept.
+"""
+from __future__ import annotations
+
+import torch
+
+from compress.errors import CompressError
+
+
+def check_nm_fits(layer_name: str, d_in: int, nm: tuple[int, int]) -> None:
+    if d_in % nm[1]:
+        raise CompressError(f"pattern {nm[0]}:{nm[1]}: layer {layer_name} has input size {d_in}, not a multiple of {nm[1]}")
+
+
+def follows_nm(mask: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every group of m consecutive inputs of mask [out, in] (True = kept, or a
+    weight: non-zero = kept) keeps at most n."""
+    out, d_in = mask.shape
+    return d_in % m == 0 and bool(((mask != 0).reshape(out, d_in // m, m).sum(-1) <= n).all())
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n highest scores in every group of m consecutive inputs.
+    score [out, in] -> bool mask [out, in]."""
+    out, d_in = score.shape
+    groups = score.reshape(out, d_in // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, groups.topk(n, dim=2).indices, True)
+    return keep.reshape(out, d_in)
+
+
+def pruned_count(n: int, sparsity: float) -> int:
+    """How many of n weights (or groups) a sparsity prunes: the nearest integer to
+    n * sparsity, exact halves to the even count (Python's round). Every pass uses this
+    one rule; truncating instead would prune 251 of 360 at 0.7, since 360 * 0.7 is
+    251.99999999999997 in floating point."""
+    return round(n * sparsity)
+
+
+def topk_mask(score: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
+    """Prune the lowest `sparsity` fraction of scores per row ('row') or over the whole
+    matrix ('layer'), `pruned_count` of them. Ties are broken by index, so exactly that
+    count is pruned."""
+    if scope == "row":
+        k = pruned_count(score.shape[1], sparsity)
+        drop = score.argsort(dim=1, stable=True)[:, :k]
+        keep = torch.ones_like(score, dtype=torch.bool)
+        keep.scatter_(1, drop, False)
+        return keep
+    k = pruned_count(score.numel(), sparsity)
+    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    keep[score.flatten().argsort(stable=True)[:k]] = False
+    return keep.reshape(score.shape)
