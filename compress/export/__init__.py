@@ -12,8 +12,8 @@
 
 A format that cannot express a layer (an ArmorLinear in compressed-tensors, say) is
 refused with the layer's name, unless `fold: true` asks to store its effective weight
-densely (export/fold.py). Output folders are written atomically, with an `export.json` that records
-what was written and its size.
+densely (export/fold.py). Output folders are written atomically, with an `export.json`
+that records what was written and its size.
 """
 from __future__ import annotations
 

@@ -42,10 +42,10 @@ def _gemm_kernel(x_ptr, qw_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, P_WORDS,
                     mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)          # [BM, BK]
         if SPARSE:
             w = sparse_tile(qw_ptr, p_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, P_WORDS,
-                             stride_qn, stride_pn, stride_sn, stride_zn, GROUP, BITS, SYM)
+                            stride_qn, stride_pn, stride_sn, stride_zn, GROUP, BITS, SYM)
         else:
             w = dequant_tile(qw_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, stride_qn, stride_sn, stride_zn,
-                              GROUP, BITS, SYM)                                      # [BK, BN]
+                             GROUP, BITS, SYM)                                       # [BK, BN]
         acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
     out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     inside = (rm < M)[:, None] & (rn < N)[None, :]

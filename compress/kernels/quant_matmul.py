@@ -9,8 +9,9 @@ Storage is QuantLinear's, unchanged (compress/nn/quant_linear.py):
 
     W_hat[n, k] = (u[n, k] - z[n, k // g]) * s[n, k // g]
 
-The tile function (tiles.dequant_tile), the loop, the launch shapes (a GEMV path for decode, M <= 16, and a GEMM path for
-prefill) and the launcher are shared with the 2:4 kernel: compress/kernels/gemm.py.
+The weight tile is tiles.dequant_tile. The loop, the launch shapes (a GEMV path for
+decode, M <= 16, and a GEMM path for prefill) and the launcher are shared with the 2:4
+kernel: compress/kernels/gemm.py.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import triton.language as tl
 
 @triton.jit
 def dequant_tile(qw_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, stride_qn, stride_sn, stride_zn,
-                  GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr):
+                 GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr):
     """W_hat^T tile [BK, BN] fp32 for inputs rk [BK] and outputs rn [BN]; k0 starts the step."""
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -40,8 +40,8 @@ def pair(idx):
 
 @triton.jit
 def sparse_tile(qw_ptr, p_ptr, s_ptr, z_ptr, rk, rn, k0, N, K, P_WORDS,
-                 stride_qn, stride_pn, stride_sn, stride_zn,
-                 GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr):
+                stride_qn, stride_pn, stride_sn, stride_zn,
+                GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr):
     """W_hat^T tile [BK, BN] fp32 for dense inputs rk [BK] and outputs rn [BN]."""
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1

@@ -66,7 +66,7 @@ class PerpConfig(PassConfig):
     grad_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp16 | no
     seed: int = 0
-    data: Optional[dict] = None    # retrain: a calib section (source, nsamples, seqlen...); the api validates and loads it
+    data: Optional[dict] = None    # retrain: a calib section (source, nsamples, seqlen...), read by the api
 
     needs_stats = False
 
