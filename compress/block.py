@@ -154,12 +154,11 @@ def _layer_stage(block, linears: dict, layers: dict, cfgs: list[PassConfig], inp
         # an input, so that o_proj calibrates on the output of the compressed q/k/v.
         first = collect_stats(block, mine, inputs, False, device, max_batches=1)
         _check_observed(mine, first)
-        for group in input_groups(first):
+        for group in input_groups(first):   # never empty: each holds the layer that owns its stats
             sub = {n: linears[n] for n in group}
-            if sub:
-                stats = collect_stats(block, sub, inputs, want_xtx, device)
-                for n, m in sub.items():
-                    compress_linear(layers[n], m, stats[n], cfgs)
+            stats = collect_stats(block, sub, inputs, want_xtx, device)
+            for n, m in sub.items():
+                compress_linear(layers[n], m, stats[n], cfgs)
 
 
 @torch.no_grad()
