@@ -9,11 +9,13 @@ from typing import Optional, Union
 
 import torch
 
+from compress.block import MoEOptions
 from compress.config import build_config
 from compress.coverage import coverage, inventory, log_coverage
 from compress.errors import CompressError
 from compress.offload import lazy_of
 from compress.passes.base import PassConfig, make_config
+from compress.routing import MODES
 from compress.runner import preflight, resolve, run_sweep
 from compress.training import retrain
 
@@ -89,6 +91,14 @@ def training_ids(cfg, calib_cfg, tokenizer, model, check_only: bool = False):
     return load_training(data, tokenizer, exclude=calib_cfg, model=model)
 
 
+def moe_options(calibration, min_tokens) -> MoEOptions:
+    if calibration not in MODES:
+        raise CompressError(f"runner.moe_calibration: expected one of {', '.join(MODES)}, got {calibration!r}")
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise CompressError(f"runner.moe_min_tokens: expected a non-negative integer, got {min_tokens!r}")
+    return MoEOptions(calibration, min_tokens)
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -138,7 +148,8 @@ def calibration(model, calib, tokenizer, calib_config) -> tuple:
 
 def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         device: Optional[str] = None, batch_size: int = 8, true_sequential: bool = False,
-        compute_dtype: Optional[str] = None, calib_config=None, state=None):
+        compute_dtype: Optional[str] = None, calib_config=None, state=None, moe_calibration: str = "all",
+        moe_min_tokens: int = 16):
     """Compress `model` in place with `passes`; return (model, report).
 
     calib: token ids [nsamples, seqlen] or a `calib.CalibConfig` (then `tokenizer` is
@@ -146,8 +157,11 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
     calibration forwards; None picks bf16 for an fp32 model on a CPU with native bf16,
     else the model's dtype (statistics and pass math are fp32 either way). state: a
     compress.resume.RunState that saves progress after every block and stage, and
-    restores what an earlier, interrupted run with the same fingerprint finished."""
-    configs = as_configs(passes)
+    restores what an earlier, interrupted run with the same fingerprint finished.
+    moe_calibration: 'all' (every fused expert's statistics from every calibration token)
+    or 'routed' (from the tokens routed to it); experts that saw fewer than
+    moe_min_tokens tokens are compressed data-free (magnitude / RTN), with a warning."""
+    moe, configs = moe_options(moe_calibration, moe_min_tokens), as_configs(passes)
     if not configs:
         raise CompressError("passes: expected at least one pass")
     preflight(model, configs)
@@ -167,7 +181,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
             continue
         if isinstance(stage, list):
             layers += run_sweep(model, stage, ids, device=device, batch_size=batch_size,
-                                true_sequential=true_sequential, compute_dtype=dtype, state=state, stage=s)
+                                true_sequential=true_sequential, compute_dtype=dtype, state=state, stage=s, moe=moe)
         else:
             training[stage.name] = retrain(model, training_ids(stage, calib_cfg, tokenizer, model), stage, device)
         if state is not None:
@@ -178,6 +192,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         "passes": [{c.name: c.to_dict()} for c in configs],
         "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1]},
         "true_sequential": true_sequential,
+        "moe_calibration": moe.calibration,
         "compute_dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
         "summary": {"layers": len({r["layer"] for r in layers}), **sparsity,

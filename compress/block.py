@@ -13,30 +13,49 @@ block's calibration inputs; this module does the rest for that block.
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from compress.batch import ExpertLayer, expert_rows, run_on_experts
 from compress.capture import BlockInput, forward_block
 from compress.errors import CompressError
+from compress.experts import ExpertLinear
 from compress.models import set_weight
 from compress.passes.base import BLOCK_FNS, BlockContext, Layer, PassConfig, pass_fn
+from compress.routing import ExpertsObserver
 from compress.stats import InputStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MoEOptions:
+    """runner.moe_calibration: 'all' (every expert's statistics from every token) or
+    'routed' (from the tokens routed to it); runner.moe_min_tokens: experts that saw
+    fewer tokens are compressed data-free (compress.batch)."""
+
+    calibration: str = "all"
+    min_tokens: int = 16
 
 
 @torch.no_grad()
 def collect_stats(block, linears: dict, inputs: list[BlockInput], want_xtx: bool, device,
                   max_batches: Optional[int] = None, outputs: Optional[list] = None,
-                  act_device=None) -> dict[str, InputStats]:
+                  act_device=None, moe: Optional[MoEOptions] = None) -> dict[str, InputStats]:
     """One forward over the calibration batches with hooks on `linears`.
 
     Layers that read the very same tensor (q/k/v, gate/up) share one InputStats, so
     their X^T X is accumulated once. Returns {layer name: stats}; iteration order is
     the order in which the distinct inputs were first seen (execution order). With
-    `outputs` (a list), the block's outputs are appended to it (on `act_device`)."""
+    `outputs` (a list), the block's outputs are appended to it (on `act_device`).
+    Fused experts (ExpertLinear) get batched ExpertStats from an observer of their
+    module (compress.routing); they follow the linears in the order."""
     stats: dict[str, InputStats] = {}
     owner: dict[str, str] = {}
     seen: list[tuple[torch.Tensor, str]] = []  # first batch only: (input tensor, its owner)
@@ -58,7 +77,9 @@ def collect_stats(block, linears: dict, inputs: list[BlockInput], want_xtx: bool
                 stats[name].update(x)
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items() if not isinstance(m, ExpertLinear)]
+    observers = _observers(linears, want_xtx, moe or MoEOptions(), device)
+    handles += [ob.ex.module.register_forward_hook(ob.hook, with_kwargs=True) for ob in observers]
     try:
         for k, inp in enumerate(inputs[:max_batches]):
             out = forward_block(block, inp, device)
@@ -68,7 +89,19 @@ def collect_stats(block, linears: dict, inputs: list[BlockInput], want_xtx: bool
     finally:
         for h in handles:
             h.remove()
+    for ob in observers:
+        for p, st in ob.stats.items():
+            stats[f"{ob.ex.name}.{p.name}"] = st
     return stats
+
+
+def _observers(linears: dict, want_xtx: bool, moe: MoEOptions, device) -> list[ExpertsObserver]:
+    """One observer per experts module among `linears`, for the projections listed."""
+    by: dict[int, list] = {}
+    for m in linears.values():
+        if isinstance(m, ExpertLinear):
+            by.setdefault(id(m.ex), []).append(m)
+    return [ExpertsObserver(ms[0].ex, [m.proj for m in ms], want_xtx, moe.calibration, device) for ms in by.values()]
 
 
 def input_groups(stats: dict[str, InputStats]) -> list[list[str]]:
@@ -80,14 +113,18 @@ def input_groups(stats: dict[str, InputStats]) -> list[list[str]]:
 
 
 @torch.no_grad()
-def compress_linear(layer: Layer, module: nn.Module, stats: Optional[InputStats], cfgs: list[PassConfig]) -> None:
+def compress_linear(layer: Layer, module: nn.Module, stats: Optional[InputStats], cfgs: list[PassConfig],
+                    moe: Optional[MoEOptions] = None) -> None:
     """Run the layer passes `cfgs` that target this layer on its fp32 working weight
-    layer.W [out, in]; the module gets the result (in its compute dtype) at once, for
-    the statistics and forwards that follow."""
+    layer.W [out, in] ([E, out, in] for fused experts, compress.batch); the module gets
+    the result (in its compute dtype) at once, for the statistics and forwards that
+    follow."""
     layer.stats = stats if stats is not None else layer.stats
     t0 = time.perf_counter()
     for cfg in cfgs:
-        if cfg.applies_to(layer.name):
+        if isinstance(layer, ExpertLayer):
+            run_on_experts(layer, cfg, (moe or MoEOptions()).min_tokens)
+        elif cfg.applies_to(layer.name):
             pass_fn(cfg)(layer, cfg)
             if not torch.isfinite(layer.W).all():
                 raise FloatingPointError(f"{layer.name}: non-finite weights after pass {cfg.name}")
@@ -99,6 +136,14 @@ def finish_linear(layer: Layer, module: nn.Module, master: torch.Tensor, sweep: 
     """Write the layer's final weight to its master and module; return its report row.
     A packed layer must compute exactly what the block was propagated with: its
     dequantized weight is checked against layer.W."""
+    if isinstance(layer, ExpertLayer):
+        for k, p in enumerate(layer.packed or []):
+            if p is not None and not torch.equal(p.dequantize().float(), layer.W[k]):
+                raise RuntimeError(f"{layer.names[k]}: the packed weight differs from the weight the block was "
+                                   f"calibrated and propagated with")
+        master.copy_(layer.W)
+        set_weight(module, layer.W)
+        return expert_rows(layer, sweep)
     if layer.packed is not None and not torch.equal(layer.packed.dequantize().float(), layer.W):
         raise RuntimeError(f"{layer.name}: the packed weight differs from the weight the block was calibrated "
                            f"and propagated with (a pass changed the weight after packing it)")
@@ -123,9 +168,16 @@ def segments(sweep: list[PassConfig]) -> list[list[PassConfig]]:
     return [seg for seg in out if seg]
 
 
+def hits(name: str, module, cfg: PassConfig) -> bool:
+    """Whether `cfg` targets the layer (for fused experts: one of its experts)."""
+    if isinstance(module, ExpertLinear):
+        return any(cfg.applies_to(n) for n in module.names)
+    return cfg.applies_to(name)
+
+
 def _targeted(linears: dict, cfgs: list[PassConfig]) -> dict:
     """The linears {name: module} that at least one of `cfgs` targets."""
-    return {n: m for n, m in linears.items() if any(c.applies_to(n) for c in cfgs)}
+    return {n: m for n, m in linears.items() if any(hits(n, m, c) for c in cfgs)}
 
 
 def _stats_forward(cfgs: list[PassConfig], mine: dict) -> bool:
@@ -135,7 +187,8 @@ def _stats_forward(cfgs: list[PassConfig], mine: dict) -> bool:
 
 @torch.no_grad()
 def _layer_stage(block, linears: dict, layers: dict, cfgs: list[PassConfig], inputs: list[BlockInput], device,
-                 true_sequential: bool, targets: Optional[list] = None, act_device=None) -> None:
+                 true_sequential: bool, targets: Optional[list] = None, act_device=None,
+                 moe: Optional[MoEOptions] = None) -> None:
     """Statistics of the block as it stands, then the layer passes `cfgs` on `layers`.
     With `targets` (a list), the first statistics forward also appends the block's
     outputs to it (the dense block's, for block passes)."""
@@ -143,32 +196,35 @@ def _layer_stage(block, linears: dict, layers: dict, cfgs: list[PassConfig], inp
     want_xtx = any(c.needs_xtx for c in cfgs)
     if not _stats_forward(cfgs, mine):
         for n, m in mine.items():
-            compress_linear(layers[n], m, None, cfgs)
+            compress_linear(layers[n], m, None, cfgs, moe)
     elif not true_sequential:
-        stats = collect_stats(block, mine, inputs, want_xtx, device, outputs=targets, act_device=act_device)
+        stats = collect_stats(block, mine, inputs, want_xtx, device, outputs=targets, act_device=act_device, moe=moe)
         _check_observed(mine, stats)
         for n, m in mine.items():
-            compress_linear(layers[n], m, stats[n], cfgs)
+            compress_linear(layers[n], m, stats[n], cfgs, moe)
     else:
         # true_sequential: re-collect statistics before each group of layers that share
         # an input, so that o_proj calibrates on the output of the compressed q/k/v.
-        first = collect_stats(block, mine, inputs, False, device, max_batches=1)
+        first = collect_stats(block, mine, inputs, False, device, max_batches=1, moe=moe)
         _check_observed(mine, first)
         for group in input_groups(first):   # never empty: each holds the layer that owns its stats
             sub = {n: linears[n] for n in group}
-            stats = collect_stats(block, sub, inputs, want_xtx, device)
+            stats = collect_stats(block, sub, inputs, want_xtx, device, moe=moe)
             for n, m in sub.items():
-                compress_linear(layers[n], m, stats[n], cfgs)
+                compress_linear(layers[n], m, stats[n], cfgs, moe)
 
 
 @torch.no_grad()
 def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput], sweep: list[PassConfig],
-                   device, true_sequential: bool, act_device=None, dtype=None) -> tuple[list[dict], dict]:
+                   device, true_sequential: bool, act_device=None, dtype=None,
+                   moe: Optional[MoEOptions] = None) -> tuple[list[dict], dict]:
     """Statistics, layer passes, block passes (in recipe order, `segments`) and report
     rows for one block (already on `device`). linears {qualified name: module} are the
     targeted layers, masters their fp32 weights [out, in]. Returns (report rows,
     {name: packed result} of packing passes)."""
-    layers = {n: Layer(n, masters[n].clone(), masters[n].clone(), None) for n in linears}
+    layers = {n: ExpertLayer(n, masters[n].clone(), masters[n].clone(), None, names=m.names)
+              if isinstance(m, ExpertLinear) else Layer(n, masters[n].clone(), masters[n].clone(), None)
+              for n, m in linears.items()}
     parts = segments(sweep)
     targets = None   # the dense block's outputs, for block passes
     share = False    # whether the first statistics forward records them
@@ -179,17 +235,31 @@ def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput]
             targets += [forward_block(block, inp, device).to(act_device) for inp in inputs]
     for k, seg in enumerate(parts):
         _layer_stage(block, linears, layers, seg, inputs, device, true_sequential,
-                     targets if share and k == 0 else None, act_device)
+                     targets if share and k == 0 else None, act_device, moe)
         cfg = seg[-1]
-        mine = _targeted(linears, [cfg])
+        mine = _block_targets(linears, cfg)
         if cfg.name in BLOCK_FNS and mine:
             ctx = BlockContext(block, {n: layers[n] for n in mine}, mine, targets, device, dtype,
                                forward=lambda b: forward_block(block, inputs[b], device))
             BLOCK_FNS[cfg.name](ctx, cfg)
             for n in mine:   # what later segments and the propagation see
                 set_weight(linears[n], layers[n].W)
-    rows = [finish_linear(layers[n], m, masters[n], sweep) for n, m in linears.items()]
+    rows = []
+    for n, m in linears.items():
+        row = finish_linear(layers[n], m, masters[n], sweep)
+        rows += row if isinstance(row, list) else [row]
     return rows, {n: L.packed for n, L in layers.items() if L.packed is not None}
+
+
+def _block_targets(linears: dict, cfg: PassConfig) -> dict:
+    """The linears a block pass trains. Fused experts have no module of their own to
+    train through: they keep what the layer passes made of them, said once per block."""
+    mine = _targeted(linears, [cfg])
+    experts = [n for n, m in mine.items() if isinstance(m, ExpertLinear)]
+    if experts and cfg.name in BLOCK_FNS:
+        log.warning("%s: the block stage of %s trains the linear layers only; the fused experts %s keep its layer "
+                    "stage", experts[0].rsplit(".", 2)[0], cfg.name, ", ".join(e.rsplit(".", 1)[1] for e in experts))
+    return {n: m for n, m in mine.items() if not isinstance(m, ExpertLinear)}
 
 
 def _check_observed(linears: dict, stats: dict) -> None:

@@ -121,11 +121,26 @@ def cast_state(model, dtype: Optional[torch.dtype]) -> Optional[dict]:
     return state
 
 
-def record_runtime_modules(model) -> None:
-    """Describe the model's runtime modules in `config.compress` (or drop the entry)."""
+def runtime_modules(model) -> dict:
+    """{name: module} of the model's runtime modules: packed linears, and fused experts
+    stored per expert (PackedExperts, whose per-expert modules its own meta records)."""
+    from compress.nn import PackedExperts
     from compress.nn.base import PackedLinear
 
-    modules = {n: m.meta() for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    out, inside = {}, set()
+    for n, m in model.named_modules():
+        if any(n.startswith(f"{p}.") for p in inside):
+            continue
+        if isinstance(m, PackedExperts):
+            inside.add(n)
+        if isinstance(m, (PackedLinear, PackedExperts)):
+            out[n] = m
+    return out
+
+
+def record_runtime_modules(model) -> None:
+    """Describe the model's runtime modules in `config.compress` (or drop the entry)."""
+    modules = {n: m.meta() for n, m in runtime_modules(model).items()}
     if modules:
         model.config.compress = {"format": "compress-native", "version": 1, "modules": modules}
     elif hasattr(model.config, "compress"):
@@ -159,8 +174,13 @@ def with_packed_layers(cls, modules: dict):
     def __init__(self, *args, **kwargs):
         cls.__init__(self, *args, **kwargs)
         for name, meta in modules.items():
-            self.set_submodule(name, RUNTIME[meta["type"]].empty(meta))
-            skip_init(self.get_submodule(name.rpartition(".")[0]))
+            kind = RUNTIME[meta["type"]]
+            # PackedExperts wraps the model's own experts module (its forward is the model's)
+            empty = kind.empty(meta, self.get_submodule(name)) if getattr(kind, "replaces_experts", False) \
+                else kind.empty(meta)
+            self.set_submodule(name, empty)
+            for m in [self.get_submodule(name.rpartition(".")[0]), *empty.modules()]:
+                skip_init(m)
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
                                        "__qualname__": cls.__qualname__})
@@ -181,17 +201,20 @@ def check_packed_layers(model, folder: Path, modules: dict, missing: set) -> Non
     from compress.nn import RUNTIME
 
     for name, meta in modules.items():
-        m = model.get_submodule(name)
-        with torch.device("meta"):
-            like = RUNTIME[meta["type"]].empty(meta).state_dict()
-        lacking = sorted(k for k in like if f"{name}.{k}" in missing)
+        top = model.get_submodule(name)
+        lacking = sorted(k for k in top.state_dict() if f"{name}.{k}" in missing)
         if lacking:
             raise CompressError(f"load: {folder} lacks {name}.{lacking[0]}")
-        for k in m.PACKED:
-            # A model's keep-in-fp32 rule may have upcast a matching fp16 buffer; fp16
-            # values are exact in fp32, so casting back restores them bit for bit.
-            if k in like and m._buffers[k].dtype != like[k].dtype:
-                m._buffers[k] = m._buffers[k].to(like[k].dtype)
+        for sub, m in top.named_modules():
+            if not hasattr(m, "PACKED"):
+                continue
+            with torch.device("meta"):
+                like = RUNTIME[m.meta()["type"]].empty(m.meta()).state_dict()
+            for k in m.PACKED:
+                # A model's keep-in-fp32 rule may have upcast a matching fp16 buffer; fp16
+                # values are exact in fp32, so casting back restores them bit for bit.
+                if k in like and m._buffers[k].dtype != like[k].dtype:
+                    m._buffers[k] = m._buffers[k].to(like[k].dtype)
 
 
 def load_packed(folder: Path, modules: dict, dtype: Optional[torch.dtype]):

@@ -20,6 +20,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from compress.experts import find_experts
 from compress.models import find_blocks, is_linear, is_router
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,37 @@ def inventory(model) -> dict[str, dict]:
     prefix, blocks = find_blocks(model)
     out = {}
     for i, block in enumerate(blocks):
+        fused = _expert_weights(block, f"{prefix}.{i}", i)
+        out.update(fused)
         for n, p in block.named_parameters():
             if p.dim() < 2 or n.endswith("bias"):   # weight matrices only (fused experts' [E, out] biases are not)
+                continue
+            if f"{prefix}.{i}.{n.rpartition('.')[0]}" in _modules_of(fused):
                 continue
             mod, _, param = n.rpartition(".")
             zeros = None if p.is_meta else int((p == 0).sum())
             out[f"{prefix}.{i}.{n}"] = {"numel": p.numel(), "kind": _why(block, mod, param, p), "zeros": zeros,
                                         "block": i, "rel": n}
     return out
+
+
+def _expert_weights(block, prefix: str, i: int) -> dict[str, dict]:
+    """Each expert's projection of the fused experts modules this toolkit understands,
+    as its own weight ``<experts>.<e>.<proj>.weight`` [out, in]: an expert is a layer."""
+    out = {}
+    for name, ex in find_experts(block, prefix, refuse=lambda n: False).items():
+        for p in ex.projs:
+            W = ex.weights(p)                                            # [E, out, in]
+            zeros = None if W.is_meta else (W == 0).flatten(1).sum(1).tolist()
+            for e in range(ex.num):
+                rel = f"{ex.layer_name(e, p)}.weight"[len(prefix) + 1:]
+                out[f"{prefix}.{rel}"] = {"numel": W[e].numel(), "kind": "linear", "block": i, "rel": rel,
+                                          "zeros": None if zeros is None else zeros[e], "experts": name}
+    return out
+
+
+def _modules_of(fused: dict) -> set:
+    return {w["experts"] for w in fused.values()}
 
 
 def _ignored(name: str, configs) -> bool:

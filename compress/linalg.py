@@ -8,14 +8,16 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def handle_dead_inputs(H: torch.Tensor, W: torch.Tensor) -> int:
+def handle_dead_inputs(H: torch.Tensor, W: torch.Tensor):
     """Inputs that were always zero (H_jj = 0) carry no information: their weights are
     set to zero and H_jj to 1 so that H stays invertible. Edits H [in, in] and W
-    [out, in] in place; returns the number of dead inputs."""
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0
-    W[:, dead] = 0.0
-    return int(dead.sum())
+    [out, in] in place (or a batch of experts: [E, in, in], [E, out, in]); returns the
+    number of dead inputs (a list, one per expert, for a batch)."""
+    diag = H.diagonal(dim1=-2, dim2=-1)                  # [..., in] view
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    W.masked_fill_(dead.unsqueeze(-2), 0.0)
+    return dead.sum(-1).tolist()
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, layer_name: str, info: dict,
@@ -25,20 +27,38 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, layer_name: str, info: di
     U^T U = H^-1; row i of U holds the OBS update direction for column i once columns
     < i are fixed (SparseGPT Sec. 3.2, GPTQ Sec. 4 "Cholesky reformulation"). When the
     factorization fails the damping grows tenfold and the retry is logged and recorded
-    in `info` (report.json)."""
-    mean_diag = H.diagonal().mean()
-    damp = percdamp
+    in `info` (report.json). H may be a batch of experts [E, in, in]: all are factored
+    at once, and only the ones that fail are retried, with their own damping."""
+    single = H.dim() == 2
+    Hb = H.unsqueeze(0) if single else H                               # [E, in, in]
+    mean_diag = Hb.diagonal(dim1=-2, dim2=-1).mean(-1)                 # [E]
+    damp = torch.full_like(mean_diag, percdamp)
+    tries = torch.zeros_like(mean_diag, dtype=torch.long)
+    U = torch.empty_like(Hb)
+    todo = torch.ones_like(mean_diag, dtype=torch.bool)
     for attempt in range(retries + 1):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
+        rows = todo.nonzero().flatten()
+        Hd = Hb[rows]
+        Hd.diagonal(dim1=-2, dim2=-1).add_((damp * mean_diag)[rows, None])
         L, bad = torch.linalg.cholesky_ex(Hd)
-        if not bad:
-            U, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if not bad:
-                info["percdamp"] = damp
-                if attempt:
-                    info["cholesky_retries"] = attempt
-                return U
-        log.warning("%s: Cholesky failed at percdamp=%g; retrying with %g", layer_name, damp, damp * 10)
-        damp *= 10
-    raise FloatingPointError(f"{layer_name}: Cholesky factorization failed even at percdamp={damp / 10:g}")
+        good = rows[bad == 0]
+        if len(good):
+            Ui, bad2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L[bad == 0]), upper=True)
+            U[good[bad2 == 0]] = Ui[bad2 == 0]
+            todo[good[bad2 == 0]] = False
+        if not todo.any():
+            break
+        log.warning("%s: Cholesky failed at percdamp=%s; retrying with ten times more", layer_name, _fmt(damp[todo]))
+        damp = torch.where(todo, damp * 10, damp)
+        tries = tries + todo.long()
+    else:
+        raise FloatingPointError(f"{layer_name}: Cholesky factorization failed even at percdamp={_fmt(damp[todo] / 10)}")
+    used = [percdamp * 10 ** t for t in tries.tolist()]   # as given, not rounded to fp32
+    info["percdamp"] = used[0] if single else used
+    if bool((tries > 0).any()):
+        info["cholesky_retries"] = tries[0].item() if single else tries.tolist()
+    return U[0] if single else U
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return ", ".join(f"{v:g}" for v in t.flatten().tolist()[:4])

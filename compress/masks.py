@@ -24,12 +24,11 @@ def follows_nm(mask: torch.Tensor, n: int, m: int) -> bool:
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the n highest scores in every group of m consecutive inputs.
-    score [out, in] -> bool mask [out, in]."""
-    out, d_in = score.shape
-    groups = score.reshape(out, d_in // m, m)
+    score [..., out, in] -> bool mask [..., out, in] (a leading dimension: experts)."""
+    groups = score.reshape(*score.shape[:-1], score.shape[-1] // m, m)
     keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(2, groups.topk(n, dim=2).indices, True)
-    return keep.reshape(out, d_in)
+    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return keep.reshape(score.shape)
 
 
 def pruned_count(n: int, sparsity: float) -> int:
@@ -43,14 +42,11 @@ def pruned_count(n: int, sparsity: float) -> int:
 def topk_mask(score: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
     """Prune the lowest `sparsity` fraction of scores per row ('row') or over the whole
     matrix ('layer'), `pruned_count` of them. Ties are broken by index, so exactly that
-    count is pruned."""
-    if scope == "row":
-        k = pruned_count(score.shape[1], sparsity)
-        drop = score.argsort(dim=1, stable=True)[:, :k]
-        keep = torch.ones_like(score, dtype=torch.bool)
-        keep.scatter_(1, drop, False)
-        return keep
-    k = pruned_count(score.numel(), sparsity)
-    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
-    keep[score.flatten().argsort(stable=True)[:k]] = False
+    count is pruned. score [..., out, in]: a leading dimension (experts) holds separate
+    matrices."""
+    flat = score if scope == "row" else score.reshape(*score.shape[:-2], -1)   # [..., rows, n]
+    k = pruned_count(flat.shape[-1], sparsity)
+    drop = flat.argsort(dim=-1, stable=True)[..., :k]
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep.scatter_(-1, drop, False)
     return keep.reshape(score.shape)

@@ -115,7 +115,8 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None, run_dir: Optional[s
     try:
         model, report = run(model, configs, ids, tokenizer, calib_config=recipe.calib, device=recipe.runner.device,
                             batch_size=recipe.runner.batch_size, true_sequential=recipe.runner.true_sequential,
-                            compute_dtype=recipe.runner.compute_dtype, state=state)
+                            compute_dtype=recipe.runner.compute_dtype, state=state,
+                            moe_calibration=recipe.runner.moe_calibration, moe_min_tokens=recipe.runner.moe_min_tokens)
         if windows is not None:
             evaluation["compressed"] = evaluate_model(model, windows, recipe.eval, recipe.runner.device,
                                                       reference=reference, desc="eval compressed")

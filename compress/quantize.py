@@ -132,6 +132,11 @@ class QuantResult:
     def dequantize(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scale, self.zero, self.spec, self.g_idx)
 
+    def split(self) -> list["QuantResult"]:
+        """The results of a batch of experts (codes [E, out, in]), one per expert."""
+        return [QuantResult(self.spec, self.codes[e], self.scale[e], self.zero[e],
+                            None if self.g_idx is None else self.g_idx[e]) for e in range(self.codes.shape[0])]
+
 
 def column_groups(d_in: int, spec: QuantSpec, device=None) -> torch.Tensor:
     """[in] group index of each input column for contiguous groups."""
@@ -145,21 +150,22 @@ def dequantize_weight(codes, scale, zero, spec: QuantSpec, g_idx=None) -> torch.
 
 
 def grouped(t: torch.Tensor, spec: QuantSpec, fill=0) -> torch.Tensor:
-    """[out, in] -> [out, G, g], the last group padded with `fill`."""
-    out, d_in = t.shape
+    """[..., out, in] -> [..., out, G, g], the last group padded with `fill`."""
+    d_in = t.shape[-1]
     g, G = spec.group(d_in), spec.n_groups(d_in)
     pad = G * g - d_in
     if pad:
-        t = torch.cat([t, t.new_full((out, pad), fill)], dim=1)
-    return t.reshape(out, G, g)
+        t = torch.cat([t, t.new_full((*t.shape[:-1], pad), fill)], dim=-1)
+    return t.reshape(*t.shape[:-1], G, g)
 
 
 def rtn(W: torch.Tensor, keep: Optional[torch.Tensor], spec: QuantSpec) -> QuantResult:
-    """Round-to-nearest of W [out, in] fp32; pruned weights (keep False) stay zero."""
+    """Round-to-nearest of W [out, in] fp32 (or [E, out, in]: a batch of experts);
+    pruned weights (keep False) stay zero."""
     keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep
-    Wg, Kg = grouped(W, spec), grouped(keep, spec, fill=False)       # [out, G, g]
-    scale, zero = fit(Wg, Kg, spec)                                  # [out, G]
+    Wg, Kg = grouped(W, spec), grouped(keep, spec, fill=False)       # [..., out, G, g]
+    scale, zero = fit(Wg, Kg, spec)                                  # [..., out, G]
     codes = quantize(Wg, scale[..., None], zero[..., None], spec.qmax)
     codes = torch.where(Kg, codes, zero[..., None])                  # pruned -> the code of 0
-    codes = codes.reshape(W.shape[0], -1)[:, :W.shape[1]].to(torch.uint8)
+    codes = codes.reshape(*W.shape[:-1], -1)[..., :W.shape[-1]].to(torch.uint8)
     return QuantResult(spec, codes, scale, zero)

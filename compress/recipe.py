@@ -55,6 +55,8 @@ class RunnerConfig:
     true_sequential: bool = False  # re-collect statistics between qkv -> o -> gate/up -> down
     compute_dtype: Optional[str] = None  # calibration forwards; default bf16 on CPUs with native bf16
     offload: bool = False          # keep the blocks on disk, one in memory at a time (compress.offload)
+    moe_calibration: str = "all"   # fused experts' statistics: all | routed tokens (compress.routing)
+    moe_min_tokens: int = 16       # experts that saw fewer tokens are compressed data-free
 
 
 @dataclass
@@ -157,7 +159,7 @@ def set_override(raw: dict, assignment: str) -> None:
 def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
     """Validate a recipe mapping (after `--set` overrides) into a Recipe."""
     from calib import CalibConfig
-    from compress.api import as_configs
+    from compress.api import as_configs, moe_options
 
     if not isinstance(raw, dict):
         raise CompressError("recipe: expected a YAML mapping with keys " + ", ".join(TOP_KEYS))
@@ -178,6 +180,7 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
     _check_int(runner.batch_size, "runner.batch_size")
     _check_bool(runner.true_sequential, "runner.true_sequential")
     _check_bool(runner.offload, "runner.offload")
+    moe_options(runner.moe_calibration, runner.moe_min_tokens)
     if runner.compute_dtype is not None and runner.compute_dtype not in DTYPES:
         raise CompressError(f"runner.compute_dtype: expected one of {', '.join(DTYPES)}, got {runner.compute_dtype!r}")
     if runner.device is not None and not (isinstance(runner.device, str) and

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress.block import compress_block
+from compress.block import MoEOptions, compress_block, hits
 from compress.capture import CalibInputs, capture_inputs, forward_block
 from compress.errors import CompressError
+from compress.experts import ExpertLinear, expert_linears
 from compress.models import block_linears, find_blocks, get_weight, set_weight
-from compress.nn import module_for
+from compress.nn import PackedExperts, module_for
 from compress.offload import lazy_of
 from compress.passes.base import BLOCK_FNS, PassConfig
 
@@ -107,9 +108,18 @@ def resolve(device, compute_dtype, model) -> tuple[torch.device, torch.dtype]:
     return device, compute_dtype or fast_dtype(device, next(model.parameters()).dtype)
 
 
+def all_linears(block, prefix: str, sweep: list[PassConfig]) -> dict:
+    """{name: module} of a block's linear layers, then {group name: ExpertLinear} of its
+    fused experts' projections (experts kept as nn.Linear modules are linears). A fused
+    experts module of a layout not understood is refused when the sweep targets it."""
+    def refuse(name: str) -> bool:   # would a pass target its experts (named <experts>.<e>.<proj>)?
+        return any(c.applies_to(f"{name}.0.down_proj") for c in sweep)
+
+    return {**{f"{prefix}.{n}": m for n, m in block_linears(block).items()}, **expert_linears(block, prefix, refuse)}
+
+
 def targeted_linears(block, prefix: str, sweep: list[PassConfig]) -> dict:
-    linears = {f"{prefix}.{n}": m for n, m in block_linears(block).items()}
-    return {n: m for n, m in linears.items() if any(c.applies_to(n) for c in sweep)}
+    return {n: m for n, m in all_linears(block, prefix, sweep).items() if any(hits(n, m, c) for c in sweep)}
 
 
 def _unreached(calib: CalibInputs, i: int, block, prefix: str, linears: dict) -> bool:
@@ -126,7 +136,7 @@ def _unreached(calib: CalibInputs, i: int, block, prefix: str, linears: dict) ->
 @torch.no_grad()
 def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=None, batch_size: int = 8,
               true_sequential: bool = False, act_device=None, compute_dtype=None, state=None,
-              stage: int = 0, observe=None) -> list[dict]:
+              stage: int = 0, observe=None, moe: Optional[MoEOptions] = None) -> list[dict]:
     """Apply one sweep of passes to every decoder block, in order: layer passes, then
     block passes; layers a packing pass produced become runtime modules.
 
@@ -155,7 +165,7 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
         if lazy is not None:
             lazy.load(i)
         block_rows = _sweep_block(model, blocks, i, prefix, sweep, calib, device, act_device, dtype, home,
-                                  true_sequential, propagate=i + 1 < len(blocks) or observe is not None)
+                                  true_sequential, propagate=i + 1 < len(blocks) or observe is not None, moe=moe)
         rows += block_rows
         if observe is not None and calib:
             observe(i, calib.hidden)
@@ -182,7 +192,8 @@ def _resume(state, stage: int, start: int, model, blocks, prefix: str, lazy, cal
 
 
 def _sweep_block(model, blocks, i: int, prefix: str, sweep: list[PassConfig], calib: CalibInputs, device,
-                 act_device, dtype, home, true_sequential: bool, propagate: bool) -> list[dict]:
+                 act_device, dtype, home, true_sequential: bool, propagate: bool,
+                 moe: Optional[MoEOptions] = None) -> list[dict]:
     """Compress block i on its own inputs, propagate the calibration batches through the
     compressed block, put it back on `home` with packed layers swapped in; its rows."""
     block = blocks[i].to(device)
@@ -190,14 +201,14 @@ def _sweep_block(model, blocks, i: int, prefix: str, sweep: list[PassConfig], ca
     if _unreached(calib, i, block, prefix, linears):
         blocks[i].to(home)
         return []
-    masters = {n: get_weight(m).detach().float().clone() for n, m in linears.items()}  # [out, in]
+    masters = {n: get_weight(m).detach().float().contiguous().clone() for n, m in linears.items()}  # [out, in]
     for n, W in masters.items():
         if not torch.isfinite(W).all():
             raise FloatingPointError(f"{n}: non-finite weights (before any pass)")
     inputs = calib.block(i) if calib else []
     with run_in_dtype(block, dtype if calib else next(block.parameters()).dtype):
         rows, packed = compress_block(block, linears, masters, inputs, sweep, device, true_sequential,
-                                      act_device, dtype)
+                                      act_device, dtype, moe)
         if calib and propagate:   # the next block reads the compressed block's outputs
             for b, inp in enumerate(inputs):   # one batch at a time: the old states are freed as we go
                 calib.hidden[b] = forward_block(block, inp, device).to(act_device)
@@ -206,8 +217,15 @@ def _sweep_block(model, blocks, i: int, prefix: str, sweep: list[PassConfig], ca
     for n, m in linears.items():
         set_weight(m, masters[n])
     blocks[i].to(home)
+    experts: dict = {}
     for n, p in packed.items():  # packing passes: swap in the runtime module (QuantLinear...)
-        model.set_submodule(n, module_for(p, getattr(linears[n], "bias", None)).to(home))
+        if isinstance(linears[n], ExpertLinear):   # one runtime module per expert
+            mods = [None if r is None else module_for(r) for r in p]
+            experts.setdefault(linears[n].ex.name, (linears[n].ex, {}))[1][linears[n].proj] = mods
+        else:
+            model.set_submodule(n, module_for(p, getattr(linears[n], "bias", None)).to(home))
+    for name, (ex, parts) in experts.items():   # fused experts: one PackedExperts per module
+        model.set_submodule(name, PackedExperts.pack(ex, parts).to(home))
     return rows
 
 
@@ -217,15 +235,21 @@ def preflight(model, sweep: list[PassConfig]) -> None:
     patterns must divide the input, ARMOR's blocks both sides), and a packing pass
     (quant, gqsa, armor) must be the last layer pass on its layers."""
     prefix, blocks = find_blocks(model)
-    names = {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+    names = {}
+    for i, b in enumerate(blocks):
+        for n, m in all_linears(b, f"{prefix}.{i}", sweep).items():
+            if isinstance(m, ExpertLinear):   # every expert is a layer
+                names.update({e: m for e in m.names})
+            else:
+                names[n] = m
     for k, cfg in enumerate(sweep):
         if cfg.packs:
             later = next(((c, n) for c in sweep[k + 1:] for n in names if c.applies_to(n) and cfg.applies_to(n)), None)
             if later:
                 raise CompressError(f"passes: {later[0].name} runs after {cfg.name} on {later[1]}, but {cfg.name} "
                                     f"packs the weights; put {cfg.name} last (restrict it with targets/ignore)")
-        hits = [n for n in names if cfg.applies_to(n)]
-        if not hits and cfg.uses_layers:
+        hit = [n for n in names if cfg.applies_to(n)]
+        if not hit and cfg.uses_layers:
             raise CompressError(f"{cfg.name}.targets: no linear layer of the decoder blocks matches {cfg.targets}")
-        for n in hits:
-            cfg.check_layer(n, *get_weight(names[n]).shape)
+        for n in hit:
+            cfg.check_layer(n, *get_weight(names[n]).shape[-2:])

@@ -51,16 +51,21 @@ class InputStats:
             self.xtx.addmm_(xf.T, xf)
 
     # -- derived quantities passes ask for -------------------------------------------
+    def count(self, dims: int):
+        """max(n, 1), to divide a statistic with `dims` dimensions per expert by
+        (ExpertStats: an [E, 1, ...] tensor)."""
+        return max(self.n, 1)
+
     @property
     def mean(self) -> torch.Tensor:
         """E[x_j], [d_in] fp32."""
-        return (self.sum / max(self.n, 1)).float()
+        return (self.sum / self.count(1)).float()
 
     @property
     def var(self) -> torch.Tensor:
         """Var[x_j] (population), [d_in] fp32."""
-        m = self.sum / max(self.n, 1)
-        return (self.sumsq / max(self.n, 1) - m * m).clamp_min(0).float()
+        m = self.sum / self.count(1)
+        return (self.sumsq / self.count(1) - m * m).clamp_min(0).float()
 
     @property
     def norm(self) -> torch.Tensor:
@@ -71,7 +76,7 @@ class InputStats:
         """H = (2/n) X^T X, [d_in, d_in] fp32 (SparseGPT / GPTQ's layer-wise Hessian)."""
         if self.xtx is None:
             raise RuntimeError("X^T X was not collected: the pass must set needs_xtx = True")
-        return self.xtx * (2.0 / max(self.n, 1))
+        return self.xtx * (2.0 / self.count(2))
 
     def relative_error(self, W: torch.Tensor, W_hat: torch.Tensor) -> Optional[float]:
         """||(W - W_hat) X||^2 / ||W X||^2 = tr(D X^T X D^T) / tr(W X^T X W^T), or None
@@ -82,3 +87,68 @@ class InputStats:
         num = ((D @ self.xtx) * D).sum()
         den = ((W.float() @ self.xtx) * W.float()).sum()
         return float(num / den) if den > 0 else 0.0
+
+
+class ExpertStats(InputStats):
+    """InputStats of one projection of every expert of a fused MoE module, batched:
+    expert e's statistics come from the tokens it saw (all of them, or those routed to
+    it: runner.moe_calibration).
+
+    n      [E] int64 tokens each expert saw
+    sum    [E, d_in] fp64     sumsq [E, d_in] fp64     xtx [E, d_in, d_in] fp32 (optional)
+
+    `norm`, `mean`, `var` and `hessian()` are those of InputStats with a leading expert
+    dimension; `stats[e]` is expert e's own InputStats (views)."""
+
+    def __init__(self, num: int, d_in: int, want_xtx: bool, device):
+        self.n = torch.zeros(num, dtype=torch.int64, device=device)
+        self.sum = torch.zeros(num, d_in, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(num, d_in, dtype=torch.float64, device=device)
+        self.xtx = torch.zeros(num, d_in, d_in, dtype=torch.float32, device=device) if want_xtx else None
+
+    @torch.no_grad()
+    def update(self, experts: torch.Tensor, X: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add X [n, t, d_in] (fp32; rows of tokens an expert did not see are zero) to
+        experts [n]; counts [n] is how many tokens each of them saw."""
+        self.n.index_add_(0, experts, counts.to(torch.int64))
+        self.sum.index_add_(0, experts, X.sum(1).double())
+        self.sumsq.index_add_(0, experts, X.square().sum(1).double())
+        if self.xtx is not None:
+            self.xtx.index_add_(0, experts, X.transpose(1, 2) @ X)
+
+    def __len__(self) -> int:
+        return self.n.shape[0]
+
+    def __getitem__(self, e: int) -> InputStats:
+        one = InputStats.__new__(InputStats)
+        one.n, one.sum, one.sumsq = int(self.n[e]), self.sum[e], self.sumsq[e]
+        one.xtx = None if self.xtx is None else self.xtx[e]
+        return one
+
+    def take(self, idx: list) -> "ExpertStats":
+        """The statistics of experts `idx` (a copy)."""
+        out = ExpertStats.__new__(ExpertStats)
+        out.n, out.sum, out.sumsq = self.n[idx], self.sum[idx], self.sumsq[idx]
+        out.xtx = None if self.xtx is None else self.xtx[idx]
+        return out
+
+    def data_free(self, rare: torch.Tensor) -> "ExpertStats":
+        """A copy in which the experts `rare` [E] bool have the statistics of white
+        inputs (mean 0, variance 1, X^T X = n I): on them Wanda ranks |W| (magnitude),
+        SparseGPT's OBS update and GPTQ's error feedback vanish (magnitude, RTN)."""
+        out = self.take(list(range(len(self))))
+        d = self.sum.shape[1]
+        n = torch.where(rare, torch.full_like(out.n, d), out.n)
+        out.n = n
+        out.sum[rare] = 0
+        out.sumsq[rare] = n[rare, None].double()
+        if out.xtx is not None:
+            out.xtx[rare] = torch.eye(d, device=out.xtx.device) * n[rare, None, None].float()
+        return out
+
+    def count(self, dims: int) -> torch.Tensor:
+        return self.n.clamp_min(1).float().reshape(-1, *[1] * dims)
+
+    def relative_error(self, W: torch.Tensor, W_hat: torch.Tensor) -> Optional[list]:
+        """InputStats.relative_error per expert, W / W_hat [E, out, in]."""
+        return None if self.xtx is None else [self[e].relative_error(W[e], W_hat[e]) for e in range(len(self))]

@@ -42,11 +42,33 @@ CONFIGS = {
 }
 ARCHS = list(CONFIGS)
 
+# Mixture-of-Experts families (tests/test_moe.py): fused experts [E, out, in] in
+# transformers 5, each with what makes it different: Qwen2-MoE's shared expert and its
+# gate, DeepSeek-V3's dense first block (first_k_dense_replace) and grouped routing,
+# gpt-oss's biased, clamped, interleaved and transposed experts, Llama 4's experts that
+# see every token pre-scaled by the router, in every other block.
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+MOE_CONFIGS = {
+    "mixtral": dict(_BASE, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "qwen2_moe": dict(_BASE, **_MOE, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(_BASE, **_MOE),
+    "olmoe": dict(_BASE, **_MOE),
+    "gpt_oss": CONFIGS["gpt_oss"],
+    "deepseek_v3": dict(_BASE, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=32,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8),
+    "llama4_text": dict(_BASE, num_local_experts=4, num_experts_per_tok=1, intermediate_size=32,
+                        intermediate_size_mlp=128, interleave_moe_layer_step=2, no_rope_layers=[1, 1, 1, 0],
+                        attention_chunk_size=WINDOW),
+    "qwen3_next": CONFIGS["qwen3_next"],
+}
+MOE_ARCHS = list(MOE_CONFIGS)
+
 
 def config_of(arch: str, **changes) -> dict:
     """The config fields of `arch`, with `changes` applied (to the text config of a
     vision-language model): e.g. hidden_size=128, sliding_window=16 for benchmarks."""
-    fields = dict(CONFIGS[arch])
+    fields = dict(CONFIGS[arch] if arch in CONFIGS else MOE_CONFIGS[arch])
     if "text_config" in fields:
         fields["text_config"] = {**fields["text_config"], **changes}
     else:
@@ -55,8 +77,9 @@ def config_of(arch: str, **changes) -> dict:
 
 
 def tiny(arch: str, seed: int = 0, dtype: torch.dtype = None, **changes):
-    """A random model of `arch` in eval mode; always the same weights for a seed, and
-    the global RNG is left as it was. `dtype`: built in that dtype as loading does
+    """A random model of `arch` (CONFIGS or MOE_CONFIGS) in eval mode; always the same
+    weights for a seed, and the global RNG is left as it was. `dtype`: built in that
+    dtype as loading does
     (rotary tables stay fp32, unlike after `.to(dtype)`). `changes`: see `config_of`."""
     from transformers import AutoConfig
 

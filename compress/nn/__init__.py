@@ -11,11 +11,13 @@ import torch
 from compress.nn.armor_linear import ArmorLinear, ArmorResult
 from compress.nn.base import RUNTIME, PackedLinear
 from compress.nn.gqsa_linear import GQSALinear, GroupSparseResult
+from compress.nn.packed_experts import PackedExperts
 from compress.nn.quant_linear import QuantLinear
 from compress.nn.sparse_quant_linear import SparseQuantLinear
 from compress.quantize import QuantResult
 
-__all__ = ["RUNTIME", "ArmorLinear", "GQSALinear", "PackedLinear", "QuantLinear", "SparseQuantLinear", "module_for"]
+__all__ = ["RUNTIME", "ArmorLinear", "GQSALinear", "PackedExperts", "PackedLinear", "QuantLinear",
+           "SparseQuantLinear", "module_for"]
 
 
 def module_for(result, bias: Optional[torch.Tensor] = None) -> PackedLinear:

@@ -33,6 +33,7 @@ class PassConfig:
     needs_stats = True  # per-input count / sum / sum of squares
     needs_xtx = False   # the full X^T X in fp32 (SparseGPT, GPTQ)
     packs = False       # sets Layer.packed (a runtime module): must come last on its layers
+    batched = False     # the function also takes W [E, out, in] with batched stats (fused experts)
     model_level = False  # trains the whole model after the sweep before it (PERP retrain)
 
     def validate(self) -> None:
@@ -250,10 +251,10 @@ class SparsityConfig(PassConfig):
 
 def prune_by_score(score: torch.Tensor, cfg: SparsityConfig, layer: Layer) -> torch.Tensor:
     """The mask a score implies under the config's pattern (recorded in `layer.nm`).
-    score [out, in]."""
+    score [out, in], or [E, out, in] for a batch of experts."""
     nm = cfg.nm
     if nm:
-        check_nm_fits(layer.name, score.shape[1], nm)
+        check_nm_fits(layer.name, score.shape[-1], nm)
         layer.nm = nm
         return nm_mask(score, *nm)
     return topk_mask(score, cfg.target_sparsity, cfg.rank_scope)

@@ -15,6 +15,7 @@ class MagnitudeConfig(SparsityConfig):
     """sparsity / pattern / scope as in `SparsityConfig`."""
 
     needs_stats = False
+    batched = True
 
 
 Magnitude = MagnitudeConfig

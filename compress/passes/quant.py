@@ -61,6 +61,7 @@ class QuantConfig(PassConfig):
     percdamp: float = 0.01
 
     packs = True  # produces a runtime module: must be the last layer pass on its layers
+    batched = True
 
     @property
     def needs_stats(self) -> bool:
@@ -105,48 +106,67 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
          percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
          name: str = "", info: Optional[dict] = None) -> QuantResult:
     """GPTQ of W [out, in] fp32 with Hessian H [in, in] (edited in place); weights
-    with keep False are stored as zero. Returns the codes in the original column order."""
+    with keep False are stored as zero. Returns the codes in the original column order.
+    A batch of experts (W [E, out, in], H [E, in, in]) runs as one: every step below
+    broadcasts over the leading dimension (`...`)."""
     info = {} if info is None else info
     W = W.clone()
-    out, d_in = W.shape
+    d_in = W.shape[-1]
     g = spec.group(d_in)
     static = static_groups or spec.group_size is None          # per-channel: one group, fitted up front
     info["dead_inputs"] = handle_dead_inputs(H, W)
     if static:
-        scale, zero = fit(grouped(W, spec), grouped(keep, spec, fill=False), spec)   # [out, G]
+        scale, zero = fit(grouped(W, spec), grouped(keep, spec, fill=False), spec)   # [..., out, G]
     else:
-        scale = W.new_zeros(out, spec.n_groups(d_in))
+        scale = W.new_zeros(*W.shape[:-1], spec.n_groups(d_in))
         zero = torch.zeros_like(scale)
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(d_in, device=W.device)
-    W, keep, H = W[:, perm], keep[:, perm], H[perm][:, perm]
+    if act_order:   # stable: equal H_jj (white statistics of a rare expert) keep their order
+        perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)   # [..., in]
+    else:
+        perm = torch.arange(d_in, device=W.device).expand(H.shape[:-1])
+    H = _columns(H.gather(-2, perm.unsqueeze(-1).expand(H.shape)), perm)   # H[perm][:, perm]
+    W, keep = _columns(W, perm), _columns(keep, perm)
     gid = column_groups(d_in, spec, W.device)                  # group of each processed column
-    if static:
+    if static and act_order:
         gid = gid[perm]                                        # groups stay contiguous in original order
-    U = inverse_cholesky(H, percdamp, name, info)             # [in, in] upper
+    U = inverse_cholesky(H, percdamp, name, info)             # [..., in, in] upper
     del H
     # Dynamic groups are fitted from the block's current weights: blocks hold whole groups.
     B = blocksize if static else max(g, blocksize // g * g)
-    col_group = gid.tolist()                                   # python ints: cheap indexing in the loop
-    codes = torch.empty(out, d_in, dtype=torch.uint8, device=W.device)
+    col_group = gid.tolist() if gid.dim() == 1 else gid        # python ints: cheap indexing in the loop
+    codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)
     for i1 in range(0, d_in, B):
         i2 = min(i1 + B, d_in)
-        W1, K1 = W[:, i1:i2].clone(), keep[:, i1:i2]           # [out, b]
-        U1 = U[i1:i2, i1:i2]                                   # [b, b]
+        W1, K1 = W[..., i1:i2].clone(), keep[..., i1:i2]       # [..., out, b]
+        U1 = U[..., i1:i2, i1:i2]                              # [..., b, b]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             j = i1 + i
             if not static and j % g == 0:
-                scale[:, j // g], zero[:, j // g] = fit(W1[:, i:i + g], K1[:, i:i + g], spec)
-            s, z = scale[:, col_group[j]], zero[:, col_group[j]]  # [out]
-            u = torch.where(K1[:, i], quantize(W1[:, i], s, z, spec.qmax), z)
-            err = (W1[:, i] - dequantize(u, s, z)) / U1[i, i]  # [out]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-            codes[:, j] = u.to(torch.uint8)
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    inv = torch.argsort(perm)
+                scale[..., j // g], zero[..., j // g] = fit(W1[..., i:i + g], K1[..., i:i + g], spec)
+            s, z = _group_of(scale, col_group, j), _group_of(zero, col_group, j)   # [..., out]
+            u = torch.where(K1[..., i], quantize(W1[..., i], s, z, spec.qmax), z)
+            err = (W1[..., i] - dequantize(u, s, z)) / U1[..., i, i, None]   # [..., out]
+            W1[..., i:] -= err.unsqueeze(-1) * U1[..., i, None, i:]
+            Err1[..., i] = err
+            codes[..., j] = u.to(torch.uint8)
+        W[..., i2:] -= Err1 @ U[..., i1:i2, i2:]
+    inv = torch.argsort(perm, dim=-1)
     g_idx = None if static or not act_order else gid[inv].to(torch.int32)
-    return QuantResult(spec, codes[:, inv], scale, zero, g_idx)
+    return QuantResult(spec, _columns(codes, inv), scale, zero, g_idx)
+
+
+def _columns(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """t [..., r, n] with its columns reordered by perm [..., n]."""
+    return t.gather(-1, perm.unsqueeze(-2).expand(t.shape))
+
+
+def _group_of(t: torch.Tensor, gid, j: int) -> torch.Tensor:
+    """t [..., out, G] at the group of processed column j: [..., out]. gid: the group
+    of each column (a list), or of each expert's columns [E, in]."""
+    if isinstance(gid, list):
+        return t[..., gid[j]]
+    return t.gather(-1, gid[..., j, None, None].expand(*t.shape[:-1], 1)).squeeze(-1)
 
 
 @register("quant", QuantConfig)
@@ -158,8 +178,10 @@ def quant(layer: Layer, cfg: QuantConfig) -> None:
         H = layer.stats.hessian().to(layer.W.device)
         res = gptq(layer.W, H, keep, cfg.spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                    act_order=cfg.act_order, static_groups=cfg.static_groups, name=layer.name, info=layer.info)
-    layer.W.copy_(res.dequantize())
-    # An exact 2:4 weight (from a 2:4 pass of this sweep or an earlier one) stays 2:4:
-    # store only the kept half of its codes (SparseQuantLinear).
-    res.sparse24 = follows_nm(keep, 2, 4)
-    layer.packed = res
+    parts = res.split() if layer.W.dim() == 3 else [res]      # a batch of experts: one result each
+    for k, part in enumerate(parts):
+        # An exact 2:4 weight (from a 2:4 pass of this sweep or an earlier one) stays 2:4:
+        # store only the kept half of its codes (SparseQuantLinear).
+        part.sparse24 = follows_nm(keep[k] if layer.W.dim() == 3 else keep, 2, 4)
+    layer.W.copy_(torch.stack([p.dequantize() for p in parts]).reshape(layer.W.shape))
+    layer.packed = parts if layer.W.dim() == 3 else res

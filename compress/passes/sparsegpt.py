@@ -39,6 +39,7 @@ class SparseGPTConfig(SparsityConfig):
     percdamp: float = 0.01
 
     needs_xtx = True
+    batched = True
 
     def validate(self) -> None:
         super().validate()
@@ -54,8 +55,10 @@ SparseGPT = SparseGPTConfig
 @register("sparsegpt", SparseGPTConfig)
 @torch.no_grad()
 def sparsegpt(layer: Layer, cfg: SparseGPTConfig) -> None:
-    W = layer.W                                           # [out, in] fp32, edited in place
-    d_in = W.shape[1]
+    """W [out, in], or a batch of experts [E, out, in] with H [E, in, in]: every step
+    below broadcasts over the leading dimension (`...`)."""
+    W = layer.W                                           # [..., out, in] fp32, edited in place
+    d_in = W.shape[-1]
     nm = cfg.nm
     if nm:
         check_nm_fits(layer.name, d_in, nm)
@@ -64,31 +67,31 @@ def sparsegpt(layer: Layer, cfg: SparseGPTConfig) -> None:
         B = max(nm[1], cfg.blocksize // nm[1] * nm[1])
     else:
         B = cfg.blocksize
-    H = layer.stats.hessian().to(W.device)                # [in, in]
+    H = layer.stats.hessian().to(W.device)                # [..., in, in]
     layer.info["dead_inputs"] = handle_dead_inputs(H, W)
-    U = inverse_cholesky(H, cfg.percdamp, layer.name, layer.info)  # [in, in] upper
+    U = inverse_cholesky(H, cfg.percdamp, layer.name, layer.info)  # [..., in, in] upper
     del H
     already_zero = W == 0  # an earlier pass's mask stays pruned
 
     for i1 in range(0, d_in, B):
         i2 = min(i1 + B, d_in)
-        W1 = W[:, i1:i2].clone()                          # [out, b]
-        U1 = U[i1:i2, i1:i2]                              # [b, b]
-        d = U1.diagonal()                                 # [b]  [H^-1]_jj^(1/2) terms
-        Err1 = torch.zeros_like(W1)                       # [out, b] scaled errors
-        prune = already_zero[:, i1:i2].clone()            # [out, b] True = pruned
+        W1 = W[..., i1:i2].clone()                        # [..., out, b]
+        U1 = U[..., i1:i2, i1:i2]                         # [..., b, b]
+        d = U1.diagonal(dim1=-2, dim2=-1)                 # [..., b]  [H^-1]_jj^(1/2) terms
+        Err1 = torch.zeros_like(W1)                       # [..., out, b] scaled errors
+        prune = already_zero[..., i1:i2].clone()          # [..., out, b] True = pruned
         if not nm:
-            saliency = W1.square() / d.square()[None, :]
+            saliency = W1.square() / d.square().unsqueeze(-2)
             prune |= ~topk_mask(saliency, cfg.target_sparsity, cfg.rank_scope)
         for i in range(i2 - i1):
             if nm and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
-                saliency = W1[:, g].square() / d[g].square()[None, :]
-                prune[:, g] |= ~nm_mask(saliency, *nm)
-            w = W1[:, i]                                  # [out]
-            err = torch.where(prune[:, i], w, 0.0) / d[i] # [out]; q = w with pruned set to 0
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
+                saliency = W1[..., g].square() / d[..., g].square().unsqueeze(-2)
+                prune[..., g] |= ~nm_mask(saliency, *nm)
+            w = W1[..., i]                                # [..., out]
+            err = torch.where(prune[..., i], w, 0.0) / d[..., i, None]  # q = w with pruned set to 0
+            W1[..., i:] -= err.unsqueeze(-1) * U1[..., i, None, i:]
+            Err1[..., i] = err
         W1.masked_fill_(prune, 0.0)  # exact zeros (the update leaves rounding residue)
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        W[..., i1:i2] = W1
+        W[..., i2:] -= Err1 @ U[..., i1:i2, i2:]

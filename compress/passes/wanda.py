@@ -20,12 +20,14 @@ from compress.passes.base import Layer, SparsityConfig, prune_by_score, register
 class WandaConfig(SparsityConfig):
     """sparsity / pattern / scope as in `SparsityConfig`."""
 
+    batched = True
+
 
 Wanda = WandaConfig
 
 
 @register("wanda", WandaConfig)
 def wanda(layer: Layer, cfg: WandaConfig) -> None:
-    norm = layer.stats.norm.to(layer.W.device)      # [in]  ||X_j||_2
-    score = layer.W.abs() * norm[None, :]            # [out, in]  S_ij
+    norm = layer.stats.norm.to(layer.W.device)      # [in]  ||X_j||_2  ([E, in] for experts)
+    score = layer.W.abs() * norm.unsqueeze(-2)       # [out, in]  S_ij
     layer.W.mul_(prune_by_score(score, cfg, layer))
