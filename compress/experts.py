@@ -22,6 +22,7 @@ wrongly is refused, never compressed. Anything else is refused, naming its class
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -162,12 +163,12 @@ class Experts:
         return m.act_fn(gate) * up
 
     def project(self, p: str, X: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Apply fused parameter `p` ('gate_up_proj', ...) of `experts` [n] to X [n, t, in]
-        (fp32): [n, t, out]."""
-        W = getattr(self.module, p)[experts].float()                    # [n, out, in] or [n, in, out]
-        Y = X @ (W if self.transposed else W.transpose(1, 2))
+        """Apply fused parameter `p` ('gate_up_proj', ...) of `experts` [n] to X [n, t, in],
+        in the parameter's dtype (the block's compute dtype): [n, t, out]."""
+        W = getattr(self.module, p)[experts]                            # [n, out, in] or [n, in, out]
+        Y = X.to(W.dtype) @ (W if self.transposed else W.transpose(1, 2))
         if self.biased:
-            Y = Y + getattr(self.module, f"{p}_bias")[experts].float()[:, None, :]
+            Y = Y + getattr(self.module, f"{p}_bias")[experts][:, None, :]
         return Y
 
 
@@ -240,3 +241,29 @@ def expert_linears(block: nn.Module, prefix: str, refuse: Callable[[str], bool] 
             el = ExpertLinear(ex, p)
             out[el.key] = el
     return out
+
+
+def published_names(model: nn.Module, ex: Experts) -> dict[str, str]:
+    """{projection name: its name in the model's published per-expert checkpoints}, e.g.
+    Mixtral's {'gate_proj': 'w1', 'up_proj': 'w3', 'down_proj': 'w2'}: what transformers'
+    own reverse conversion makes of the fused parameters when it saves them. Small tagged
+    stand-ins of the fused tensors go through it, and each piece that comes out is found
+    by its tags. A model saved fused (no conversion) keeps the projection names."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return {p.name: p.name for p in ex.projs}
+    out_dim = 2 if ex.transposed else 1
+    tagged, total = {}, 0
+    for param in dict.fromkeys(p.param for p in ex.projs):
+        shape = [ex.num, 3, 3]
+        shape[out_dim] = 4                                   # even: gate_up splits in two halves
+        tagged[f"{ex.name}.{param}"] = torch.arange(total, total + math.prod(shape), dtype=torch.float64).reshape(shape)
+        total += math.prod(shape)
+    got = revert_weight_conversion(model, dict(tagged))
+    names = {}
+    for p in ex.projs:
+        first = float(ex.weights(p, tagged[f"{ex.name}.{p.param}"])[0].flatten()[0])   # expert 0's first weight
+        hit = [k for k, t in got.items() if t.numel() and first in t.flatten()[:1].tolist()]
+        names[p.name] = hit[0].rsplit(".", 2)[-2] if len(hit) == 1 and hit[0].endswith(".weight") else p.name
+    return names

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -27,18 +28,25 @@ log = logging.getLogger(__name__)
 
 
 class LazyBlocks:
-    def __init__(self, model, prefix: str, blocks, sources: dict, dtype: torch.dtype):
+    def __init__(self, model, prefix: str, blocks, sources: dict, dtype: torch.dtype, fused: Optional[dict] = None):
         self.model, self.prefix, self.blocks, self.sources, self.dtype = model, prefix, blocks, sources, dtype
+        self.fused = fused or {}   # {block: [fused parameter stored per expert in the source]}
 
     def point(self, i: int, file: Path, names: dict, metas: dict) -> None:
         """Block i's current weights are `names` {name in file: name in block} in `file`."""
         self.sources[i] = (Path(file), names, metas)
+        self.fused[i] = []   # a saved block stores its tensors under the block's own names
 
     def state(self, i: int) -> dict:
-        """Block i's tensors {name in block: tensor}, read from its source."""
+        """Block i's tensors {name in block: tensor}, read from its source. Fused experts
+        that the checkpoint stores per expert (Mixtral's ...experts.{e}.w1.weight) are
+        put together as transformers' loading does (`_fused`)."""
         file, names, _ = self.sources[i]
         with safe_open(str(file), framework="pt") as f:
-            return {dst: f.get_tensor(src) for src, dst in names.items()}
+            out = {dst: f.get_tensor(src) for src, dst in names.items()}
+            for rel in self.fused.get(i, ()):
+                out[rel] = _fused(self.model, f"{self.prefix}.{i}.{rel}", self.blocks[i].get_parameter(rel).shape, f)
+        return out
 
     def load(self, i: int) -> None:
         """Materialize block i (on the CPU) from its source, in the model's dtype
@@ -52,6 +60,22 @@ class LazyBlocks:
     def release(self, i: int) -> None:
         """Drop block i's memory: its parameters and buffers go back to the meta device."""
         self.blocks[i].to("meta")
+
+
+def _fused(model, key: str, shape, f) -> torch.Tensor:
+    """The fused tensor `key` [E, ...] from its per-expert pieces in the open file `f`:
+    a tensor of element indices goes through transformers' own reverse conversion, so
+    each piece comes out holding the positions its values take in the fused tensor."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    where = torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
+    pieces = revert_weight_conversion(model, {key: where})
+    out = None
+    for name, idx in pieces.items():
+        t = f.get_tensor(name)
+        out = torch.empty(math.prod(shape), dtype=t.dtype) if out is None else out
+        out[idx.flatten()] = t.flatten()
+    return out.reshape(shape)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -112,17 +136,30 @@ def load_lazy(folder: str, dtype: torch.dtype = torch.float32):
     still = [n for n, t in model.named_parameters() if t.is_meta and not n.startswith(prefix + ".")]
     if still:
         raise CompressError(f"runner.offload: {folder} lacks {still[0]}")
-    sources = {}
+    sources, fused = {}, {}
     for i in range(len(blocks)):
         head = f"{prefix}.{i}."
         names = {stored[k]: k[len(head):] for k in stored if k.startswith(head) and stored[k] in files}
+        fused[i] = [k[len(head):] for k, t in model.state_dict().items()
+                    if k.startswith(head) and stored[k] not in files and t.dim() >= 3]
+        names.update({n: None for k in fused[i] for n in _pieces(model, head + k, model.get_parameter(head + k))})
+        lacking = next((k for k in names if k not in files), None)
+        if lacking:
+            raise CompressError(f"runner.offload: {folder} lacks {lacking}")
         by = {files[k] for k in names}
         if len(by) != 1:   # sources are one file per block
             raise CompressError(f"runner.offload: block {i} is split over several files in {folder}")
-        sources[i] = (by.pop(), names, {})
-    model._compress_lazy = LazyBlocks(model, prefix, blocks, sources, dtype)
+        sources[i] = (by.pop(), {k: v for k, v in names.items() if v is not None}, {})
+    model._compress_lazy = LazyBlocks(model, prefix, blocks, sources, dtype, fused)
     tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer
+
+
+def _pieces(model, key: str, t: torch.Tensor) -> list:
+    """The file names a fused parameter is stored under, per expert (the files must hold them)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return list(revert_weight_conversion(model, {key: torch.empty(t.shape, device="meta")}))
 
 
 def lazy_of(model) -> Optional[LazyBlocks]:

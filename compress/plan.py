@@ -10,10 +10,12 @@ Memory, per the runner's loop (compress/runner.py):
     activations calibration hidden states, nsamples x seqlen x d_model in the compute
                 dtype, once (twice when a block pass keeps the dense block's outputs)
     statistics  per distinct linear input (found by a forward on the meta device): X^T X
-                in fp32 (d_in^2) for SparseGPT / GPTQ, and the fp64 sums
+                in fp32 (d_in^2) for SparseGPT / GPTQ, and the fp64 sums; fused experts
+                one [E, d_in, d_in] X^T X per input (gate/up, down)
     block       the fp32 masters and two fp32 working copies of every linear of the block,
                 and the block in the compute dtype beside the model's own
-    workspace   the largest layer's pass: fp32 copies of W and, with X^T X, H^-1
+    workspace   the largest layer's pass: fp32 copies of W and, with X^T X, H^-1 (for
+                fused experts, of all E experts of a projection: they run batched)
 
 Time: calibration forwards (2 flops per weight per token, about three forwards of every
 block per sweep) plus the passes' own math (SparseGPT / GPTQ: d_in^3 + 2 out d_in^2 per
@@ -106,6 +108,17 @@ def block_inputs(model, blocks) -> tuple[int, list[list[int]]]:
     return d_model, [[get_weight(m).shape[1] for m in block_linears(b).values()] for b in blocks]
 
 
+def _experts(lins: list[dict], blocks, prefix: str) -> list[list]:
+    """Each block's fused experts modules; every expert's projections join `lins`."""
+    from compress.experts import find_experts
+
+    experts = [list(find_experts(b, f"{prefix}.{i}", refuse=lambda n: False).values()) for i, b in enumerate(blocks)]
+    for lin, exs in zip(lins, experts):   # every expert is a layer
+        lin.update({ex.layer_name(e, p): tuple(ex.weights(p).shape[1:]) for ex in exs for p in ex.projs
+                    for e in range(ex.num)})
+    return experts
+
+
 def plan(recipe: Recipe) -> dict:
     """{'host_mib', 'device_mib', 'seconds', ...} for a validated recipe."""
     from compress.api import as_configs, stages
@@ -127,12 +140,20 @@ def plan(recipe: Recipe) -> dict:
     xtx = any(c.needs_xtx for c in configs)
     keeps_targets = any(c.name in ("armor", "gqsa", "perp") and not c.model_level for c in configs)
     lins = [{k: tuple(get_weight(m).shape) for k, m in block_linears(b).items()} for b in blocks]   # (out, in)
+    experts = _experts(lins, blocks, prefix)
     n, T = recipe.calib.nsamples, recipe.calib.seqlen
     d, inputs = block_inputs(model, blocks)
     acts = n * T * d * cbytes * (2 if keeps_targets else 1)
-    # InputStats per distinct input: fp64 sum and sum of squares, fp32 X^T X
-    stats = max(sum(2 * i * 8 + (i * i * 4 if xtx else 0) for i in inp) for inp in inputs)
-    work = max((o * i * 4 * 3 + (2 * i * i * 4 if xtx else 0) for lin in lins for o, i in lin.values()), default=0)
+    # InputStats per distinct input: fp64 sum and sum of squares, fp32 X^T X; fused
+    # experts: one [E, in, in] X^T X per input (gate/up share one, down has its own)
+    stat = lambda i, E=1: E * (2 * i * 8 + (i * i * 4 if xtx else 0))   # noqa: E731
+    stats = max(sum(stat(i) for i in inp) + sum(stat(ex.weights(p).shape[-1], ex.num) for ex in exs
+                                                for p in ex.projs if p.name != "up_proj")
+                for inp, exs in zip(inputs, experts))
+    # the largest layer pass: fp32 copies of W and H^-1; batched over the experts of one projection
+    work = max([o * i * 4 * 3 + (2 * i * i * 4 if xtx else 0) for lin in lins for o, i in lin.values()] +
+               [ex.num * (o * i * 4 * 3 + (2 * i * i * 4 if xtx else 0)) for exs in experts for ex in exs
+                for o, i in (tuple(ex.weights(p).shape[1:]) for p in ex.projs)] or [0])
     weights_host = (rest + per_block) * wbytes if recipe.runner.offload else total * wbytes
     # Per block: the fp32 masters and each layer's two fp32 working copies (Layer.W,
     # W_dense) of its linears, plus the block in the compute dtype when that differs

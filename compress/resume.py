@@ -46,10 +46,16 @@ def _atomic(path: Path, write) -> None:
 
 
 def _meta_of(module: torch.nn.Module, prefix: str = "") -> dict:
-    """{qualified name: meta} of the runtime modules (QuantLinear...) inside `module`."""
-    from compress.nn import PackedLinear
-    return {".".join(filter(None, (prefix, n))): m.meta() for n, m in module.named_modules()
-            if isinstance(m, PackedLinear)}
+    """{qualified name: meta} of the runtime modules (QuantLinear...) inside `module`; a
+    PackedExperts' meta holds its experts' own."""
+    from compress.nn import PackedExperts, PackedLinear
+    out, inside = {}, []
+    for n, m in module.named_modules():
+        if isinstance(m, (PackedLinear, PackedExperts)) and not any(n.startswith(f"{p}.") for p in inside):
+            out[".".join(filter(None, (prefix, n)))] = m.meta()
+            if isinstance(m, PackedExperts):
+                inside.append(n)
+    return out
 
 
 def swap_in(model, metas: dict) -> None:
@@ -59,7 +65,9 @@ def swap_in(model, metas: dict) -> None:
         old = model.get_submodule(name)
         if type(old).__name__ != meta["type"]:
             dev = next(iter(old.state_dict().values())).device
-            model.set_submodule(name, RUNTIME[meta["type"]].empty(meta).to(dev))
+            kind = RUNTIME[meta["type"]]
+            new = kind.empty(meta, old) if getattr(kind, "replaces_experts", False) else kind.empty(meta)
+            model.set_submodule(name, new.to(dev))
 
 
 class RunState:

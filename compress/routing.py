@@ -2,8 +2,9 @@
 
 A forward hook on the experts module sees its arguments (the tokens and the model's
 true routing) and its output. It recomputes each expert's chain, input -> gate_up (or
-up) -> the module's own gating -> down, in fp32 (compress.experts), and adds the
-inputs of each projection to that projection's ExpertStats:
+up) -> the module's own gating -> down, in the dtype the block runs in, as the model
+computes it (compress.experts), and adds the inputs of each projection to that
+projection's ExpertStats:
 
 - moe_calibration 'all' (llm-compressor's default): every expert on every token, so no
   expert is starved of data; batched over experts, in chunks of tokens;
@@ -71,7 +72,7 @@ class ExpertsObserver:
         step = max(1, CHUNK_ELEMS // max(1, E * self.ex.weights(self.ex.projs[0]).shape[1] * 2))
         outs = []
         for t0 in range(0, T, step):
-            Xc = X[:, t0:t0 + step].float()                                 # [E, t, H]
+            Xc = X[:, t0:t0 + step]                                         # [E, t, H]
             Y = self._chain(every, Xc, torch.full((E,), Xc.shape[1], device=X.device))
             outs.append(self._combine(Y, routed[:, t0:t0 + step], None if weight is None else weight[:, t0:t0 + step]))
         return torch.cat(outs, dim=-2)
@@ -84,7 +85,7 @@ class ExpertsObserver:
             out = torch.zeros(T, H, device=X.device)
         for e in routed.any(1).nonzero().flatten().tolist():
             tok = routed[e].nonzero().flatten()
-            Y = self._chain(torch.tensor([e], device=X.device), X[e, tok].float()[None], tok.new_tensor([len(tok)]))[0]
+            Y = self._chain(torch.tensor([e], device=X.device), X[e, tok][None], tok.new_tensor([len(tok)]))[0].float()
             if self.ex.dispatch == "dense":
                 out[e, tok] = Y
             else:
@@ -95,5 +96,5 @@ class ExpertsObserver:
         """The module's output on a chunk from every expert's output Y [E, t, H]: the
         routing-weighted sum (decorated experts), or each expert's rows (dense)."""
         if weight is None:
-            return Y * routed[..., None]
-        return (Y * weight[..., None]).sum(0)
+            return Y.float() * routed[..., None]
+        return (Y.float() * weight[..., None]).sum(0)

@@ -108,13 +108,21 @@ class ExpertStats(InputStats):
 
     @torch.no_grad()
     def update(self, experts: torch.Tensor, X: torch.Tensor, counts: torch.Tensor) -> None:
-        """Add X [n, t, d_in] (fp32; rows of tokens an expert did not see are zero) to
-        experts [n]; counts [n] is how many tokens each of them saw."""
+        """Add X [n, t, d_in] (in the calibration dtype; rows of tokens an expert did not
+        see are zero) to experts [n]; counts [n] is how many tokens each of them saw.
+        X^T X of bf16 inputs as InputStats computes it (bf16 products over chunks of
+        HALF_CHUNK tokens, summed in fp32); of any other dtype in fp32."""
+        Xf = X.float()
         self.n.index_add_(0, experts, counts.to(torch.int64))
-        self.sum.index_add_(0, experts, X.sum(1).double())
-        self.sumsq.index_add_(0, experts, X.square().sum(1).double())
-        if self.xtx is not None:
-            self.xtx.index_add_(0, experts, X.transpose(1, 2) @ X)
+        self.sum.index_add_(0, experts, Xf.sum(1).double())
+        self.sumsq.index_add_(0, experts, Xf.square().sum(1).double())
+        if self.xtx is None:
+            return
+        if X.dtype == torch.bfloat16:
+            xtx = sum((c.transpose(1, 2) @ c).float() for c in X.split(self.HALF_CHUNK, dim=1))
+        else:
+            xtx = Xf.transpose(1, 2) @ Xf
+        self.xtx.index_add_(0, experts, xtx)
 
     def __len__(self) -> int:
         return self.n.shape[0]

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compress.errors import CompressError
+from compress.experts import find_experts
 from compress.models import block_linears, find_blocks, head_of
 from compress.optim import adamw
 from compress.passes.perp import attach, merge
@@ -78,11 +79,13 @@ def retrain(model, ids: torch.LongTensor, cfg, device: torch.device) -> dict:
 
     prefix, blocks = find_blocks(model)
     linears = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in block_linears(b)]
+    experts = [ex for i, b in enumerate(blocks) for ex in find_experts(b, f"{prefix}.{i}").values()]
+    linears += [ex.layer_name(e, p) for ex in experts for p in ex.projs for e in range(ex.num)]
     head = head_of(model)   # the model's own output embeddings, whatever their name
     if "lm_head" in cfg.train and head is None:
         raise CompressError("perp.train: lm_head asked for, but the model's output head is not a linear layer")
     total_params = sum(p.numel() for p in model.parameters())
-    adapters, params = attach(model, cfg, [n for n in linears if cfg.applies_to(n)], head)
+    adapters, params = attach(model, cfg, [n for n in linears if cfg.applies_to(n)], head, experts)
     trainable = sum(p.numel() for p in params)
     # accelerate keeps one process-wide state; a second run in this process (other
     # mixed precision) must reset it. The distributed part (PartialState) stays.

@@ -223,3 +223,112 @@ def test_routed_calibration_with_an_unreached_expert_falls_back_and_stays_finite
     assert any("experts.3.gate_proj saw 0 calibration tokens" in r.getMessage() for r in caplog.records)
     with torch.no_grad():
         assert torch.isfinite(model(x).logits).all()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_perp_masklora_trains_every_expert_and_keeps_2of4(arch, tiny_tokenizer, tmp_path):
+    import copy
+
+    from test_perp import _calib, _pruned_run
+
+    model = tiny(arch, vocab_size=len(tiny_tokenizer))
+    pruned, _ = compress.run(copy.deepcopy(model), [compress.Wanda(pattern="2:4")], calib=_calib(tmp_path),
+                             tokenizer=tiny_tokenizer, batch_size=2)
+    perp = {"train": ["masklora"], "rank": 2, "steps": 3, "lr": 1e-2, "batch_size": 2, "warmup": 0.0}
+    _, report = _pruned_run(model, tiny_tokenizer, tmp_path, perp)
+    assert report["training"]["perp"]["adapters"] > 0
+    for ex in [e for b in find_blocks(model)[1] for e in find_experts(b, "").values()]:
+        for p in ex.projs:
+            W = ex.weights(p)
+            assert all(follows_nm(W[e], 2, 4) for e in range(ex.num)), p.name
+    start = {n: p for n, p in pruned.named_parameters() if p.dim() == 3}
+    after = {n: p for n, p in model.named_parameters() if p.dim() == 3}
+    assert after.keys() == start.keys() and all(not torch.equal(after[n], start[n]) for n in after)   # trained
+    assert all(torch.equal(after[n] == 0, start[n] == 0) for n in after)                           # same mask
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_compressed_tensors_export_writes_every_expert_under_its_published_name(arch, tmp_path):
+    from safetensors.torch import load_file
+
+    from compress.export import ExportConfig, export
+    from test_export import _ct_dense
+
+    model, x = tiny(arch), ids()
+    compress.run(model, [compress.SparseGPT(pattern="2:4"), compress.Quant(bits=4, group_size=16)], calib=x)
+    want = {n: model.get_submodule(n).effective_weight() for n in layer_names(model) if ".experts." in n}
+    out = export(model, None, str(tmp_path / "ct"), ExportConfig(format="compressed-tensors"))
+    sd = load_file(str(out / "model.safetensors"))
+    leaf = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"} if arch == "mixtral" else {}
+    block = "block_sparse_moe" if arch == "mixtral" else "mlp"
+    dense = _ct_dense(out)   # compressed-tensors' own dequantization
+    for n, W in want.items():
+        i, e, proj = n.split(".")[2], n.split(".")[5], n.split(".")[6]
+        key = f"model.layers.{i}.{block}.experts.{e}.{leaf.get(proj, proj)}"
+        assert f"{key}.weight_packed" in sd and f"{key}.weight" not in sd, key
+        assert torch.equal(dense[f"{key}.weight"].float(), W.half().float()), key
+    assert not any(k.endswith(("gate_up_proj", "down_proj")) for k in sd)   # no fused tensor left
+
+
+def test_hf_export_folds_packed_experts_back_into_the_fused_parameters(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from compress.export import ExportConfig, export
+
+    model, x = tiny("qwen3_moe"), ids()
+    compress.run(model, [compress.Quant(bits=4, group_size=16, method="rtn")], calib=x)
+    with torch.no_grad():
+        want = model(x).logits
+    out = export(model, None, str(tmp_path / "hf"), ExportConfig(format="hf", dtype="float32"))
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def moe_dir(tmp_path, tiny_tokenizer):
+    """A tiny Qwen3-MoE saved with the tiny tokenizer, for CLI runs that offload or resume."""
+    d = tmp_path / "moe"
+    tiny("qwen3_moe", vocab_size=len(tiny_tokenizer)).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+SGPT_W4 = [{"sparsegpt": {"pattern": "2:4"}}, {"quant": {"bits": 4, "group_size": 16}}]
+
+
+def test_moe_runs_offloaded_and_resumes_to_the_same_bytes(tmp_path, moe_dir, corpus, monkeypatch):
+    from cli import main
+    from test_offload import recipe, tensors
+    from test_resume import Killed, kill_after
+
+    assert main(["-q", "run", recipe(tmp_path, moe_dir, corpus, SGPT_W4), "--output", str(tmp_path / "a")]) == 0
+    offloaded = recipe(tmp_path, moe_dir, corpus, SGPT_W4, offload=True)
+    with monkeypatch.context() as m:
+        kill_after(m, 2)
+        with pytest.raises(Killed):
+            main(["-q", "run", offloaded, "--output", str(tmp_path / "b")])
+    assert main(["-q", "run", offloaded, "--output", str(tmp_path / "b"), "--resume", str(tmp_path / "b.run")]) == 0
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".experts.3.down_proj.qweight" in k for k in a)
+    model, _ = compress.load(str(tmp_path / "b"))
+    assert isinstance(model.model.layers[3].mlp.experts, PackedExperts)
+
+
+def test_plan_counts_the_experts_statistics_a_real_run_holds(tmp_path, monkeypatch):
+    from compress.plan import plan
+    from compress.stats import ExpertStats, InputStats
+    from test_plan import _recipe
+
+    model = tiny("qwen3_moe")
+    model.save_pretrained(tmp_path / "m")
+    p = plan(_recipe(tmp_path / "m", compute_dtype="float32", device="cpu"))
+    made = []
+    for cls in (InputStats, ExpertStats):
+        init = cls.__init__
+        monkeypatch.setattr(cls, "__init__", lambda self, *a, _i=init, **k: (_i(self, *a, **k), made.append(self))[0])
+    compress.run(model, [compress.SparseGPT(pattern="2:4")], calib=ids(2), compute_dtype="float32")
+    nbytes = sum(t.numel() * t.element_size() for s in made for t in (s.sum, s.sumsq, s.xtx))
+    assert sum(isinstance(s, ExpertStats) for s in made) == 2 * 4   # gate/up, down of each block's experts
+    assert p["statistics_mib"] == nbytes / 4 / 2 ** 20              # one block at a time

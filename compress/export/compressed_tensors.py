@@ -26,11 +26,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.experts import published_names
 from compress.export.fold import fold_packed
 from compress.masks import follows_nm
 from compress.models import block_linears, find_blocks, get_weight
@@ -118,8 +120,30 @@ def _sparsity_config(weights: dict, fmt: str) -> dict:
             "sparsity_structure": structure, "targets": ["Linear"]}
 
 
+def unfuse_experts(model) -> int:
+    """Put each PackedExperts' per-expert modules where the model's experts module was,
+    as ``<experts>.<e>.<proj>``: the per-expert layout of published checkpoints, which
+    vLLM's MoE loader reads (one pack-quantized set of tensors per expert and projection).
+    Returns how many experts modules were unfused."""
+    from compress.nn import PackedExperts
+
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, PackedExperts)]
+    for name, m in found:
+        left = [k for k, p in m.inner.named_parameters() if p.numel()]
+        if left:
+            raise CompressError(f"export: {name} ({type(m.inner).__name__}) keeps {', '.join(left)} beside its "
+                                "packed experts; the compressed-tensors MoE layout has no place for them: use format hf")
+        layout = SimpleNamespace(name=name, projs=m.projs, num=m.num, transposed=m.layout["transposed"],
+                                 weights=m.weights)
+        leaf = published_names(model, layout)     # Mixtral: gate_proj -> w1, up_proj -> w3, down_proj -> w2
+        model.set_submodule(name, nn.ModuleList(nn.ModuleDict({leaf[p.name]: m.expert(e, p) for p in m.projs})
+                                                for e in range(m.num)))
+    return len(found)
+
+
 def write(model, tokenizer, folder: Path, cfg) -> dict:
     dtype = getattr(torch, cfg.dtype)
+    unfuse_experts(model)
     fold_packed(model, dtype, keep=(QuantLinear,), fold=cfg.fold,
                 why="compressed-tensors has no format for (only group / channel int quantization and sparsity)")
     prefix, blocks = find_blocks(model)

@@ -18,9 +18,17 @@ def fold_packed(model: nn.Module, dtype: torch.dtype, keep: tuple = (), why: str
     """Replace every runtime module (PackedLinear) not of a class in `keep` by a dense
     nn.Linear of its effective weight. With fold=False such a module is an error that
     names it and says `why` the format cannot hold it. Returns the folded names."""
+    from compress.nn import PackedExperts
+
     folded = []
     for name, m in list(model.named_modules()):
-        if isinstance(m, PackedLinear) and not isinstance(m, keep):
+        if isinstance(m, PackedExperts) and PackedExperts not in keep:   # the model's own fused experts again
+            if not fold:
+                raise CompressError(f"export: {name} holds packed experts, which {why}; "
+                                    "pass fold: true (--fold) to store their effective weights densely")
+            model.set_submodule(name, m.to_fused(dtype))
+            folded.append(name)
+        elif isinstance(m, PackedLinear) and not isinstance(m, keep) and not _inside(folded, name):
             if not fold:
                 raise CompressError(f"export: {name} is a {type(m).__name__}, which {why}; "
                                     "pass fold: true (--fold) to store its effective weight densely")
@@ -29,3 +37,8 @@ def fold_packed(model: nn.Module, dtype: torch.dtype, keep: tuple = (), why: str
     if folded:
         log.warning("export: %d layers folded into dense %s weights (%s, ...)", len(folded), dtype, folded[0])
     return folded
+
+
+def _inside(folded: list, name: str) -> bool:
+    """Whether `name` lies in a module already folded (a PackedExperts' expert)."""
+    return any(name.startswith(f"{f}.") for f in folded)

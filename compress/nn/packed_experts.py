@@ -103,6 +103,14 @@ class PackedExperts(nn.Module):
             for name in fused:
                 delattr(self.inner, name)
 
+    @torch.no_grad()
+    def to_fused(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The model's own experts module with its fused parameters holding the experts'
+        effective weights (in `dtype`): the dense fold, for formats of plain tensors."""
+        for name, t in self.effective(dtype).items():
+            self.inner.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        return self.inner
+
     def storage_bits(self) -> int:
         return sum(m.storage_bits() if hasattr(m, "storage_bits") else m.weight.numel() * 16
                    for e in range(self.num) for m in (self.expert(e, p) for p in self.projs))

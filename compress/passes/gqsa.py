@@ -56,6 +56,7 @@ class GQSAConfig(QuantConfig):
     lr        Adam learning rate of the latent weights; lr_quant: of scales and zero points
     seed      order of the batches in BQPO"""
 
+    batched = False               # class-level: runs once per expert (its saliency is per layer)
     group_size: int = 16
     act_order: bool = False       # the one-shot GPTQ start as measured in benchmarks/RESULTS.md
     static_groups: bool = False

@@ -42,6 +42,7 @@ from compress.errors import CompressError
 from compress.models import get_weight, is_linear, set_weight
 from compress.optim import fit
 from compress.passes.base import BlockContext, PassConfig, register, register_block
+from compress.passes.perp_experts import ExpertsLoRA, attach_experts, merge_experts
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +151,23 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight().to(x.dtype), self.base.bias)
 
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        return [self.A, self.B]
 
-def _adapt(root: nn.Module, names: list[str], kind: str, cfg: PerpConfig, gen) -> dict[str, Adapter]:
+
+def _adapt(root: nn.Module, names: list[str], kind: str, cfg: PerpConfig, gen, experts=()) -> dict:
+    """Adapters on the linears `names`; names of fused experts' layers (of `experts`,
+    compress.experts.Experts) get batched ones on their fused parameters."""
     adapters = {}
+    inside = set()
+    for ex in experts:
+        mine = {ex.layer_name(e, p) for p in ex.projs for e in range(ex.num)} & set(names)
+        for lora in attach_experts(ex, mine, kind, cfg.rank, cfg.scaling, gen):
+            adapters[f"{ex.name}.{len(adapters)}"] = lora
+        inside |= mine
     for n in names:
+        if n in inside:
+            continue
         base = root.get_submodule(n)
         if not is_linear(base):
             raise CompressError(f"perp: {n} is a {type(base).__name__}, not a dense linear layer; "
@@ -163,20 +177,21 @@ def _adapt(root: nn.Module, names: list[str], kind: str, cfg: PerpConfig, gen) -
     return adapters
 
 
-def attach(root: nn.Module, cfg: PerpConfig, linears: list[str], head: Optional[str] = None):
-    """Freeze `root`, wrap `linears` (qualified names under root) in adapters, and mark
-    the chosen biases and norm weights trainable. Returns (adapters, trainable params)."""
+def attach(root: nn.Module, cfg: PerpConfig, linears: list[str], head: Optional[str] = None, experts=()):
+    """Freeze `root`, wrap `linears` (qualified names under root; fused experts' layers
+    of `experts` included) in adapters, and mark the chosen biases and norm weights
+    trainable. Returns (adapters, trainable params)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     for p in root.parameters():
         p.requires_grad_(False)
-    adapters = _adapt(root, linears, cfg.adapter, cfg, gen) if cfg.adapter else {}
+    adapters = _adapt(root, linears, cfg.adapter, cfg, gen, experts) if cfg.adapter else {}
     if head is not None and "lm_head" in cfg.train:
         adapters.update(_adapt(root, [head], "lora", cfg, gen))
-    params = [p for a in adapters.values() for p in (a.A, a.B)]
+    params = [p for a in adapters.values() for p in a.parameters_to_train()]
     for name, m in root.named_modules():
         is_norm = "norm" in type(m).__name__.lower()
         for pname, p in m.named_parameters(recurse=False):
-            if isinstance(m, Adapter):
+            if isinstance(m, (Adapter, ExpertsLoRA)) or "parametrizations" in name:
                 continue
             if (is_norm and "norm" in cfg.train) or (pname == "bias" and "bias" in cfg.train):
                 p.requires_grad_(True)
@@ -193,8 +208,11 @@ def merge(root: nn.Module, adapters: dict[str, Adapter], write: bool = True) -> 
     only put it back). Pruned weights stay exactly 0; a kept weight whose merged value
     rounds to 0 keeps its old value, so the mask after merging equals the mask before,
     bit for bit. Returns merge notes."""
-    kept_back = 0
+    fused = [a for a in adapters.values() if isinstance(a, ExpertsLoRA)]
+    kept_back = merge_experts(fused, write)
     for n, a in adapters.items():
+        if isinstance(a, ExpertsLoRA):
+            continue
         if not write:
             root.set_submodule(n, a.base)
             continue
