@@ -41,11 +41,16 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, layer_name: str, info: di
         Hd = Hb[rows]
         Hd.diagonal(dim1=-2, dim2=-1).add_((damp * mean_diag)[rows, None])
         L, bad = torch.linalg.cholesky_ex(Hd)
-        good = rows[bad == 0]
-        if len(good):
-            Ui, bad2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L[bad == 0]), upper=True)
-            U[good[bad2 == 0]] = Ui[bad2 == 0]
-            todo[good[bad2 == 0]] = False
+        ok = bad == 0
+        good = rows[ok]
+        if len(good):   # (no masked copy when all succeeded: cholesky_inverse is slow on one)
+            Ui, bad2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L if bool(ok.all()) else L[ok]), upper=True)
+            done = good[bad2 == 0]
+            if len(done) == len(Hb):
+                U = Ui
+            else:
+                U[done] = Ui[bad2 == 0]
+            todo[done] = False
         if not todo.any():
             break
         log.warning("%s: Cholesky failed at percdamp=%s; retrying with ten times more", layer_name, _fmt(damp[todo]))

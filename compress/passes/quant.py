@@ -116,7 +116,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
     static = static_groups or spec.group_size is None          # per-channel: one group, fitted up front
     info["dead_inputs"] = handle_dead_inputs(H, W)
     if static:
-        scale, zero = fit(grouped(W, spec), grouped(keep, spec, fill=False), spec)   # [..., out, G]
+        scale, zero = _fit(grouped(W, spec), grouped(keep, spec, fill=False), spec)   # [..., out, G]
     else:
         scale = W.new_zeros(*W.shape[:-1], spec.n_groups(d_in))
         zero = torch.zeros_like(scale)
@@ -133,7 +133,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
     del H
     # Dynamic groups are fitted from the block's current weights: blocks hold whole groups.
     B = blocksize if static else max(g, blocksize // g * g)
+    # Static groups: each processed column's scale and zero point, gathered once
+    # ([..., out, in]); dynamic ones are read by group index as they are fitted.
     col_group = gid.tolist() if gid.dim() == 1 else gid        # python ints: cheap indexing in the loop
+    if static:
+        at = gid.unsqueeze(-2).expand(W.shape) if gid.dim() > 1 else gid.expand(W.shape)
+        col_scale, col_zero = scale.gather(-1, at), zero.gather(-1, at)
     codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)
     for i1 in range(0, d_in, B):
         i2 = min(i1 + B, d_in)
@@ -144,7 +149,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
             j = i1 + i
             if not static and j % g == 0:
                 scale[..., j // g], zero[..., j // g] = fit(W1[..., i:i + g], K1[..., i:i + g], spec)
-            s, z = _group_of(scale, col_group, j), _group_of(zero, col_group, j)   # [..., out]
+            if static:
+                s, z = col_scale[..., j], col_zero[..., j]                 # [..., out]
+            else:
+                s, z = _group_of(scale, col_group, j), _group_of(zero, col_group, j)
             u = torch.where(K1[..., i], quantize(W1[..., i], s, z, spec.qmax), z)
             err = (W1[..., i] - dequantize(u, s, z)) / U1[..., i, i, None]   # [..., out]
             W1[..., i:] -= err.unsqueeze(-1) * U1[..., i, None, i:]
@@ -154,6 +162,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
     inv = torch.argsort(perm, dim=-1)
     g_idx = None if static or not act_order else gid[inv].to(torch.int32)
     return QuantResult(spec, _columns(codes, inv), scale, zero, g_idx)
+
+
+def _fit(Wg: torch.Tensor, Kg: torch.Tensor, spec: QuantSpec):
+    """`fit` of grouped weights [..., out, G, g]; a batch of experts one expert at a time:
+    the clipping search's temporaries of one expert stay in cache, all of them do not
+    (measured 2x slower batched, benchmarks/moe_batched.py)."""
+    if Wg.dim() == 3:
+        return fit(Wg, Kg, spec)
+    parts = [fit(w, k, spec) for w, k in zip(Wg, Kg)]
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
 
 def _columns(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
