@@ -58,8 +58,12 @@ class ExpertLayer(Layer):
         for j, k in enumerate(idx):
             self.infos[k].update(sub.infos[j])
             if sub.packed is not None and sub.packed[j] is not None:
-                self.packed = self.packed or [None] * len(self.names)
-                self.packed[k] = sub.packed[j]
+                self.set_packed(k, sub.packed[j])
+
+    def set_packed(self, k: int, result) -> None:
+        """Expert k's packing result."""
+        self.packed = self.packed or [None] * len(self.names)
+        self.packed[k] = result
 
 
 def looped() -> bool:
@@ -92,13 +96,11 @@ def run_on_experts(layer: ExpertLayer, cfg: PassConfig, min_tokens: int) -> None
         for j in range(len(sub.names)):
             one = sub.one(j)
             pass_fn(cfg)(one, cfg)
-            if one.W is not sub.W[j]:
-                sub.W[j] = one.W
+            sub.W[j] = one.W   # a pass may replace layer.W rather than edit the view
             sub.nm = one.nm or sub.nm
             sub.infos[j].update(one.info)
             if one.packed is not None:
-                sub.packed = sub.packed or [None] * len(sub.names)
-                sub.packed[j] = one.packed
+                sub.set_packed(j, one.packed)
     sub.stats = real
     if not torch.isfinite(sub.W).all():
         raise FloatingPointError(f"{layer.name}: non-finite weights after pass {cfg.name}")

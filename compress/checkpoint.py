@@ -121,25 +121,10 @@ def cast_state(model, dtype: Optional[torch.dtype]) -> Optional[dict]:
     return state
 
 
-def runtime_modules(model) -> dict:
-    """{name: module} of the model's runtime modules: packed linears, and fused experts
-    stored per expert (PackedExperts, whose per-expert modules its own meta records)."""
-    from compress.nn import PackedExperts
-    from compress.nn.base import PackedLinear
-
-    out, inside = {}, set()
-    for n, m in model.named_modules():
-        if any(n.startswith(f"{p}.") for p in inside):
-            continue
-        if isinstance(m, PackedExperts):
-            inside.add(n)
-        if isinstance(m, (PackedLinear, PackedExperts)):
-            out[n] = m
-    return out
-
-
 def record_runtime_modules(model) -> None:
     """Describe the model's runtime modules in `config.compress` (or drop the entry)."""
+    from compress.nn import runtime_modules
+
     modules = {n: m.meta() for n, m in runtime_modules(model).items()}
     if modules:
         model.config.compress = {"format": "compress-native", "version": 1, "modules": modules}
@@ -169,15 +154,12 @@ def with_packed_layers(cls, modules: dict):
     device, so the dense weights of those layers never exist, and then loads the packed
     buffers like any other tensor (renamed as the checkpoint layout needs, and in their own
     dtypes, since they differ from the model's)."""
-    from compress.nn import RUNTIME
+    from compress.nn import empty_module
 
     def __init__(self, *args, **kwargs):
         cls.__init__(self, *args, **kwargs)
         for name, meta in modules.items():
-            kind = RUNTIME[meta["type"]]
-            # PackedExperts wraps the model's own experts module (its forward is the model's)
-            empty = kind.empty(meta, self.get_submodule(name)) if getattr(kind, "replaces_experts", False) \
-                else kind.empty(meta)
+            empty = empty_module(meta, self.get_submodule(name))
             self.set_submodule(name, empty)
             for m in [self.get_submodule(name.rpartition(".")[0]), *empty.modules()]:
                 skip_init(m)

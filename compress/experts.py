@@ -42,6 +42,18 @@ class Proj:
     half: Optional[int] = None   # 0 = gate, 1 = up of a fused gate_up_proj; None = the whole parameter
 
 
+def view_of(t: torch.Tensor, p: Proj, transposed: bool, concatenated: bool) -> torch.Tensor:
+    """Projection p's view of a fused tensor t [E, rows, cols] ([E, in, out] when
+    `transposed`) or its bias [E, rows]: [E, out, in] (or [E, out]); a half of a fused
+    gate_up is its first / second rows (concatenated) or its even / odd rows."""
+    if transposed:
+        t = t.transpose(1, 2)                                            # [E, out_all, in]
+    if p.half is None:
+        return t
+    half = t.shape[1] // 2
+    return t[:, p.half * half:(p.half + 1) * half] if concatenated else t[:, p.half::2]
+
+
 def fused_params(m: nn.Module) -> dict[str, torch.Tensor]:
     """A module's own parameters of three or more dimensions that are not convolution
     kernels: fused experts (the only such weights in transformers' decoders)."""
@@ -111,24 +123,13 @@ class Experts:
     def weights(self, p: Proj, param: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[E, out, in] view of projection p (of `param`, default the module's own)."""
         t = getattr(self.module, p.param) if param is None else param
-        if self.transposed:
-            t = t.transpose(1, 2)                                        # [E, out_all, in]
-        if p.half is None:
-            return t
-        half = t.shape[1] // 2
-        if self.concatenated:
-            return t[:, p.half * half:(p.half + 1) * half]
-        return t[:, p.half::2]                                           # interleaved gate, up rows
+        return view_of(t, p, self.transposed, self.concatenated)
 
     def bias(self, p: Proj) -> Optional[torch.Tensor]:
         """[E, out] view of projection p's bias, or None."""
         if not self.biased:
             return None
-        b = getattr(self.module, f"{p.param}_bias")
-        if p.half is None:
-            return b
-        half = b.shape[1] // 2
-        return b[:, p.half * half:(p.half + 1) * half] if self.concatenated else b[:, p.half::2]
+        return view_of(getattr(self.module, f"{p.param}_bias"), p, False, self.concatenated)
 
     def layer_name(self, e: int, p: Proj) -> str:
         return f"{self.name}.{e}.{p.name}"

@@ -29,23 +29,21 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, layer_name: str, info: di
     factorization fails the damping grows tenfold and the retry is logged and recorded
     in `info` (report.json). H may be a batch of experts [E, in, in]: all are factored
     at once, and only the ones that fail are retried, with their own damping."""
-    if H.dim() == 2:
-        return _inverse_cholesky_one(H, percdamp, layer_name, info, retries)
-    single = False
-    Hb = H                                                             # [E, in, in]
+    single = H.dim() == 2
+    Hb = H.unsqueeze(0) if single else H                               # [E, in, in]
     mean_diag = Hb.diagonal(dim1=-2, dim2=-1).mean(-1)                 # [E]
     damp = torch.full_like(mean_diag, percdamp)
     tries = torch.zeros_like(mean_diag, dtype=torch.long)
     U = torch.empty_like(Hb)
     todo = torch.ones_like(mean_diag, dtype=torch.bool)
-    for attempt in range(retries + 1):
+    for _ in range(retries + 1):
         rows = todo.nonzero().flatten()
         Hd = Hb[rows]
         Hd.diagonal(dim1=-2, dim2=-1).add_((damp * mean_diag)[rows, None])
         L, bad = torch.linalg.cholesky_ex(Hd)
         ok = bad == 0
         good = rows[ok]
-        if len(good):   # (no masked copy when all succeeded: cholesky_inverse is slow on one)
+        if len(good):   # all succeeded (the usual case): L itself, no copy of it
             Ui, bad2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L if bool(ok.all()) else L[ok]), upper=True)
             done = good[bad2 == 0]
             if len(done) == len(Hb):
@@ -65,26 +63,6 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, layer_name: str, info: di
     if bool((tries > 0).any()):
         info["cholesky_retries"] = tries[0].item() if single else tries.tolist()
     return U[0] if single else U
-
-
-def _inverse_cholesky_one(H: torch.Tensor, percdamp: float, layer_name: str, info: dict, retries: int):
-    """inverse_cholesky of one matrix H [in, in]."""
-    mean_diag = H.diagonal().mean()
-    damp = percdamp
-    for attempt in range(retries + 1):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, bad = torch.linalg.cholesky_ex(Hd)
-        if not bad:
-            U, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if not bad:
-                info["percdamp"] = damp
-                if attempt:
-                    info["cholesky_retries"] = attempt
-                return U
-        log.warning("%s: Cholesky failed at percdamp=%g; retrying with %g", layer_name, damp, damp * 10)
-        damp *= 10
-    raise FloatingPointError(f"{layer_name}: Cholesky factorization failed even at percdamp={damp / 10:g}")
 
 
 def _fmt(t: torch.Tensor) -> str:

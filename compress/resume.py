@@ -46,28 +46,19 @@ def _atomic(path: Path, write) -> None:
 
 
 def _meta_of(module: torch.nn.Module, prefix: str = "") -> dict:
-    """{qualified name: meta} of the runtime modules (QuantLinear...) inside `module`; a
-    PackedExperts' meta holds its experts' own."""
-    from compress.nn import PackedExperts, PackedLinear
-    out, inside = {}, []
-    for n, m in module.named_modules():
-        if isinstance(m, (PackedLinear, PackedExperts)) and not any(n.startswith(f"{p}.") for p in inside):
-            out[".".join(filter(None, (prefix, n)))] = m.meta()
-            if isinstance(m, PackedExperts):
-                inside.append(n)
-    return out
+    """{qualified name: meta} of the runtime modules (QuantLinear...) inside `module`."""
+    from compress.nn import runtime_modules
+    return {".".join(filter(None, (prefix, n))): m.meta() for n, m in runtime_modules(module).items()}
 
 
 def swap_in(model, metas: dict) -> None:
     """Put empty runtime modules where the saved state has them (they are filled next)."""
-    from compress.nn import RUNTIME
+    from compress.nn import empty_module
     for name, meta in metas.items():
         old = model.get_submodule(name)
         if type(old).__name__ != meta["type"]:
             dev = next(iter(old.state_dict().values())).device
-            kind = RUNTIME[meta["type"]]
-            new = kind.empty(meta, old) if getattr(kind, "replaces_experts", False) else kind.empty(meta)
-            model.set_submodule(name, new.to(dev))
+            model.set_submodule(name, empty_module(meta, old).to(dev))
 
 
 class RunState:

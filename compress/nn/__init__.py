@@ -17,7 +17,7 @@ from compress.nn.sparse_quant_linear import SparseQuantLinear
 from compress.quantize import QuantResult
 
 __all__ = ["RUNTIME", "ArmorLinear", "GQSALinear", "PackedExperts", "PackedLinear", "QuantLinear",
-           "SparseQuantLinear", "module_for"]
+           "SparseQuantLinear", "empty_module", "module_for", "runtime_modules"]
 
 
 def module_for(result, bias: Optional[torch.Tensor] = None) -> PackedLinear:
@@ -33,3 +33,23 @@ def module_for(result, bias: Optional[torch.Tensor] = None) -> PackedLinear:
     else:
         raise TypeError(f"module_for: no runtime module stores a {type(result).__name__}")
     return cls.from_result(result, bias)
+
+
+def runtime_modules(model: torch.nn.Module) -> dict:
+    """{name: module} of the runtime modules in `model`: packed linears, and fused experts
+    stored per expert (PackedExperts, whose per-expert modules its own meta records, so
+    they are not listed again)."""
+    out, inside = {}, []
+    for n, m in model.named_modules():
+        if isinstance(m, (PackedLinear, PackedExperts)) and not any(n.startswith(f"{p}.") for p in inside):
+            out[n] = m
+            if isinstance(m, PackedExperts):
+                inside.append(n)
+    return out
+
+
+def empty_module(meta: dict, old: torch.nn.Module) -> torch.nn.Module:
+    """An unfilled runtime module of `meta` to stand where `old` is; a PackedExperts
+    wraps `old`, the model's own experts module (its forward is the model's)."""
+    kind = RUNTIME[meta["type"]]
+    return kind.empty(meta, old) if getattr(kind, "replaces_experts", False) else kind.empty(meta)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.experts import Experts, Proj
+from compress.experts import Experts, Proj, view_of
 from compress.nn.base import RUNTIME, runtime
 
 
@@ -74,12 +74,8 @@ class PackedExperts(nn.Module):
         return self.get_submodule(f"{e}.{p.name}")
 
     def weights(self, p: Proj, fused: torch.Tensor) -> torch.Tensor:
-        """[E, out, in] view of projection p inside `fused` (compress.experts.Experts.weights)."""
-        t = fused.transpose(1, 2) if self.layout["transposed"] else fused
-        if p.half is None:
-            return t
-        half = t.shape[1] // 2
-        return t[:, p.half * half:(p.half + 1) * half] if self.layout["concatenated"] else t[:, p.half::2]
+        """[E, out, in] view of projection p inside `fused` (compress.experts.view_of)."""
+        return view_of(fused, p, self.layout["transposed"], self.layout["concatenated"])
 
     def effective(self, dtype=torch.float32) -> dict[str, torch.Tensor]:
         """{fused parameter name: its dense tensor, rebuilt from the experts' modules}."""
