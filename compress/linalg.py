@@ -32,11 +32,14 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, layer_name: str, info: di
     single = H.dim() == 2
     Hb = H.unsqueeze(0) if single else H                               # [E, in, in]
     mean_diag = Hb.diagonal(dim1=-2, dim2=-1).mean(-1)                 # [E]
-    damp = torch.full_like(mean_diag, percdamp)
     tries = torch.zeros_like(mean_diag, dtype=torch.long)
     U = torch.empty_like(Hb)
     todo = torch.ones_like(mean_diag, dtype=torch.bool)
     for _ in range(retries + 1):
+        # percdamp * 10^tries in Python floats, then rounded once: tenfold steps in fp32
+        # would drift (0.01 * 10 = 0.099999994), and the damping must be the one reported.
+        damp = torch.tensor([percdamp * 10 ** t for t in tries.tolist()], dtype=mean_diag.dtype,
+                            device=mean_diag.device)
         rows = todo.nonzero().flatten()
         Hd = Hb[rows]
         Hd.diagonal(dim1=-2, dim2=-1).add_((damp * mean_diag)[rows, None])
@@ -54,10 +57,9 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, layer_name: str, info: di
         if not todo.any():
             break
         log.warning("%s: Cholesky failed at percdamp=%s; retrying with ten times more", layer_name, _fmt(damp[todo]))
-        damp = torch.where(todo, damp * 10, damp)
         tries = tries + todo.long()
     else:
-        raise FloatingPointError(f"{layer_name}: Cholesky factorization failed even at percdamp={_fmt(damp[todo] / 10)}")
+        raise FloatingPointError(f"{layer_name}: Cholesky factorization failed even at percdamp={_fmt(damp[todo])}")
     used = [percdamp * 10 ** t for t in tries.tolist()]   # as given, not rounded to fp32
     info["percdamp"] = used[0] if single else used
     if bool((tries > 0).any()):

@@ -332,3 +332,23 @@ def test_plan_counts_the_experts_statistics_a_real_run_holds(tmp_path, monkeypat
     nbytes = sum(t.numel() * t.element_size() for s in made for t in (s.sum, s.sumsq, s.xtx))
     assert sum(isinstance(s, ExpertStats) for s in made) == 2 * 4   # gate/up, down of each block's experts
     assert p["statistics_mib"] == nbytes / 4 / 2 ** 20              # one block at a time
+
+
+def test_batched_cholesky_retries_only_the_failed_expert_with_the_same_damping():
+    from compress.linalg import inverse_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(64, 128, generator=g) * torch.logspace(-3, 0, 64)[:, None]   # tiny channels: lambda dominates
+    good = A @ A.T / 128
+    shift = torch.linalg.eigvalsh(good)[0] + 0.05 * good.diagonal().mean()
+    bad = good - shift * torch.eye(64)   # indefinite: percdamp 0.01 fails, 0.1 succeeds
+    info = {}
+    U = inverse_cholesky(torch.stack([good, bad]), 0.01, "experts", info)
+    assert info["percdamp"] == [0.01, 0.1] and info["cholesky_retries"] == [0, 1]
+    for H, damp, Ue in ((good, 0.01, U[0]), (bad, 0.1, U[1])):
+        one = {}
+        assert torch.equal(inverse_cholesky(H.clone(), 0.01, "one", one), Ue) and one["percdamp"] == damp
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * H.diagonal().mean())   # lambda = percdamp * mean(diag H), percdamp as reported
+        ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+        assert torch.equal(Ue, ref)
