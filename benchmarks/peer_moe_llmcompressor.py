@@ -30,7 +30,8 @@ zero fraction) so that a run that skipped experts shows.
 GPTQ is set up as our `quant` pass's defaults (compress/passes/quant.py): asymmetric
 (`symmetric=False`, integer zero points), groups of 64, static activation order (columns
 by decreasing H_jj, group parameters fitted up front: our act_order + static_groups), an
-MSE observer (our clip_search), block 128, dampening 0.01.
+MSE observer with our clip_search's grid (shrink 1, 0.99, ..., 0.2, |err|^2.4, no early
+stop; llm-compressor's own default stops at 0.8, after 5 steps without gain), block 128, dampening 0.01.
 """
 from __future__ import annotations
 
@@ -74,7 +75,9 @@ def build_recipe(a, decoder_cls: str):
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         weights = QuantizationArgs(num_bits=a.bits, type="int", symmetric=False, strategy="group",
-                                   group_size=a.group_size, observer="mse")
+                                   group_size=a.group_size, observer="mse",
+                                   # our clip_search grid: shrink 1 ... 0.2 in steps of 1/100, |err|^2.4, no early stop
+                                   observer_kwargs={"maxshrink": 0.8, "grid": 100.0, "norm": 2.4, "patience": 1000})
         return [GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                              ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder="static")]
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier

@@ -69,3 +69,21 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, layer_name: str, info: di
 
 def _fmt(t: torch.Tensor) -> str:
     return ", ".join(f"{v:g}" for v in t.flatten().tolist()[:4])
+
+
+SUB_BLOCK = 32   # columns whose updates are applied one by one; the rest of a block lazily
+
+
+def sub_blocks(b: int, unit: int = 1) -> list[tuple[int, int]]:
+    """The [k1, k2) sub-blocks of a block of b columns (SparseGPT / GPTQ, Sec. 3.3's lazy
+    batch updates, applied once more inside the block): within a sub-block each column's
+    error updates the columns up to k2 at once (rank 1, memory-bound); after it, the
+    sub-block's errors update the rest of the block in one matmul. Mathematically the
+    same weights; 4x less memory traffic for b = 128. `unit`: columns read together
+    before their update (an N:M group, a GPTQ group fitted in the loop), which must lie
+    in one sub-block or begin one."""
+    if unit <= SUB_BLOCK:
+        S = SUB_BLOCK // unit * unit
+    else:
+        S = SUB_BLOCK if unit % SUB_BLOCK == 0 else unit
+    return [(k1, min(k1 + S, b)) for k1 in range(0, b, S)]

@@ -42,11 +42,19 @@ def pruned_count(n: int, sparsity: float) -> int:
 def topk_mask(score: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
     """Prune the lowest `sparsity` fraction of scores per row ('row') or over the whole
     matrix ('layer'), `pruned_count` of them. Ties are broken by index, so exactly that
-    count is pruned. score [..., out, in]: a leading dimension (experts) holds separate
-    matrices."""
+    count is pruned: the k smallest of a stable sort, found by selection (kthvalue, O(n))
+    rather than sorting. score [..., out, in]: a leading dimension (experts) holds
+    separate matrices."""
     flat = score if scope == "row" else score.reshape(*score.shape[:-2], -1)   # [..., rows, n]
     k = pruned_count(flat.shape[-1], sparsity)
-    drop = flat.argsort(dim=-1, stable=True)[..., :k]
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    keep.scatter_(-1, drop, False)
-    return keep.reshape(score.shape)
+    if k == 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    if flat.isnan().any():   # NaN sorts last; selection's order of NaNs is not a sort's
+        drop = flat.argsort(dim=-1, stable=True)[..., :k]
+        return torch.ones_like(flat, dtype=torch.bool).scatter_(-1, drop, False).reshape(score.shape)
+    t = flat.kthvalue(k, dim=-1, keepdim=True).values            # [..., rows, 1] the k-th smallest
+    below = flat < t
+    tied = flat == t
+    need = k - below.sum(-1, keepdim=True)                      # ties to drop, the lowest indices first
+    drop = below | (tied & (tied.cumsum(-1) <= need))
+    return (~drop).reshape(score.shape)

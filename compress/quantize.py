@@ -62,15 +62,29 @@ def fit_params(w: torch.Tensor, keep: Optional[torch.Tensor], spec: QuantSpec, s
     """Scale and zero point of each group. w [..., k] holds one group per row of the
     last dimension; keep [..., k] marks the weights that count (None: all).
     Returns scale [...], zero [...] (fp32; zero integer-valued)."""
-    if keep is not None:
-        w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    return _params(_range(_kept(w, keep), spec), spec, shrink)
+
+
+def _kept(w: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """w with the weights that do not count set to 0 (a copy only where keep is given)."""
+    return w if keep is None else torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def _range(w: torch.Tensor, spec: QuantSpec) -> tuple:
+    """Per group: (max |w|,) symmetric, or (lo, hi) asymmetric, the range holding 0."""
+    if spec.symmetric:
+        return (w.abs().amax(-1),)
+    return w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+
+
+def _params(rng: tuple, spec: QuantSpec, shrink: float):
+    """Scale and zero point of the range `rng` (of _range) shrunk by `shrink`."""
     if spec.symmetric:
         half = 1 << (spec.bits - 1)
-        amax = w.abs().amax(-1) * shrink
+        amax = rng[0] * shrink
         scale = round_scale(torch.where(amax > 0, amax / (half - 1), torch.ones_like(amax)))
         return scale, torch.full_like(scale, float(half))
-    lo = w.amin(-1).clamp(max=0) * shrink   # the range always holds 0 (so pruned weights stay 0)
-    hi = w.amax(-1).clamp(min=0) * shrink
+    lo, hi = rng[0] * shrink, rng[1] * shrink
     span = hi - lo
     scale = round_scale(torch.where(span > 0, span / spec.qmax, torch.ones_like(span)))
     zero = torch.round(-lo / scale).clamp(0, spec.qmax)
@@ -87,21 +101,42 @@ def dequantize(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return (u.float() - zero) * scale
 
 
+def clip_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
+    """sum_k |w_hat - w|^2.4 per group, [...]: dequantize(quantize(w)) - w in one buffer,
+    in place (the search below evaluates it at every shrink over the whole matrix).
+    |x|^2.4 as exp(2.4 log|x|): vectorized, twice as fast as pow on CPU, equal to fp32
+    rounding (exp(-inf) = 0 where the error is 0)."""
+    s, z = scale[..., None], zero[..., None]
+    d = w / s
+    d.round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s).sub_(w)
+    return d.abs_().log_().mul_(2.4).exp_().sum(-1)
+
+
+CLIP_ROWS = 16384   # groups per chunk of the clip search: bounds its temporaries (4 MiB each at k = 64)
+
+
 def fit(w: torch.Tensor, keep: Optional[torch.Tensor], spec: QuantSpec):
-    """fit_params, with the MSE clipping search when spec.clip_search."""
-    scale, zero = fit_params(w, keep, spec)
+    """fit_params, with the MSE clipping search when spec.clip_search. w, keep [..., k]
+    (one group per row). The error counts the kept weights only: the others are set to 0,
+    which every grid stores exactly (its range holds 0), so they add exactly 0. Groups
+    are independent: the search runs on chunks of CLIP_ROWS of them."""
+    w = _kept(w, keep)
     if not spec.clip_search:
-        return scale, zero
-    weight = torch.ones_like(w) if keep is None else keep.to(w.dtype)
+        return _params(_range(w, spec), spec, 1.0)
+    flat = w.reshape(-1, w.shape[-1])                              # [groups, k]
+    parts = [_clip_search(c, spec) for c in flat.split(CLIP_ROWS)]
+    return tuple(torch.cat(p).reshape(w.shape[:-1]) for p in zip(*parts))
 
-    def err(s, z):
-        w_hat = dequantize(quantize(w, s[..., None], z[..., None], spec.qmax), s[..., None], z[..., None])
-        return ((w_hat - w).abs().pow(2.4) * weight).sum(-1)
 
-    best = err(scale, zero)
+def _clip_search(w: torch.Tensor, spec: QuantSpec):
+    """Scale and zero point of each group (row of w [n, k]) at the shrink with the least
+    clip_error: 1, 1 - 1/grid, ..., 1 - maxshrink."""
+    rng = _range(w, spec)
+    scale, zero = _params(rng, spec, 1.0)
+    best = clip_error(w, scale, zero, spec.qmax)
     for i in range(1, int(spec.clip_maxshrink * spec.clip_grid) + 1):
-        s, z = fit_params(w, keep, spec, shrink=1 - i / spec.clip_grid)
-        e = err(s, z)
+        s, z = _params(rng, spec, 1 - i / spec.clip_grid)
+        e = clip_error(w, s, z, spec.qmax)
         better = e < best
         best = torch.where(better, e, best)
         scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)

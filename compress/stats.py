@@ -111,18 +111,26 @@ class ExpertStats(InputStats):
         """Add X [n, t, d_in] (in the calibration dtype; rows of tokens an expert did not
         see are zero) to experts [n]; counts [n] is how many tokens each of them saw.
         X^T X of bf16 inputs as InputStats computes it (bf16 products over chunks of
-        HALF_CHUNK tokens, summed in fp32); of any other dtype in fp32."""
-        Xf = X.float()
+        HALF_CHUNK tokens, summed in fp32); of any other dtype in fp32. Where X is one
+        input broadcast to every expert (stride 0: the gate / up inputs of
+        moe_calibration 'all'), its statistics are computed once and added to each."""
         self.n.index_add_(0, experts, counts.to(torch.int64))
-        self.sum.index_add_(0, experts, Xf.sum(1).double())
-        self.sumsq.index_add_(0, experts, Xf.square().sum(1).double())
-        if self.xtx is None:
-            return
-        if X.dtype == torch.bfloat16:
+        shared = X.shape[0] > 1 and X.stride(0) == 0
+        moments = self._moments(X[:1] if shared else X)                  # each [1 or n, ...]
+        for mine, add in zip((self.sum, self.sumsq, self.xtx), moments):
+            if mine is not None:
+                mine.index_add_(0, experts, add.expand(X.shape[0], *add.shape[1:]))
+
+    def _moments(self, X: torch.Tensor) -> tuple:
+        """sum [n, d_in] fp64, sum of squares [n, d_in] fp64, X^T X [n, d_in, d_in] fp32
+        (None unless collected) of X [n, t, d_in]."""
+        Xf = X.float()
+        xtx = None
+        if self.xtx is not None and X.dtype == torch.bfloat16:
             xtx = sum((c.transpose(1, 2) @ c).float() for c in X.split(self.HALF_CHUNK, dim=1))
-        else:
+        elif self.xtx is not None:
             xtx = Xf.transpose(1, 2) @ Xf
-        self.xtx.index_add_(0, experts, xtx)
+        return Xf.sum(1).double(), Xf.square().sum(1).double(), xtx
 
     def __len__(self) -> int:
         return self.n.shape[0]

@@ -68,3 +68,21 @@ def test_bad_arguments_name_the_field(args, field):
 def test_nm_on_indivisible_layer_names_layer():
     with pytest.raises(CompressError, match="layer layer has input size 6"):
         apply("magnitude", torch.ones(2, 6), None, pattern="2:4")
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_topk_mask_is_the_stable_sort_rule(scope):
+    """Selection (kthvalue) with ties broken by index equals the first k of a stable sort,
+    on scores full of ties, with a leading expert dimension, and with NaN."""
+    from compress.masks import pruned_count, topk_mask
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        score = torch.randint(0, 3 + trial % 5, (2, 6, 10), generator=g).float()
+        if trial % 4 == 0:
+            score[0, 1, 2] = float("nan")
+        for sparsity in (0.0, 0.3, 0.5, 0.9, 1.0):
+            flat = score if scope == "row" else score.reshape(2, -1)
+            drop = flat.argsort(dim=-1, stable=True)[..., :pruned_count(flat.shape[-1], sparsity)]
+            want = torch.ones_like(flat, dtype=torch.bool).scatter_(-1, drop, False).reshape(score.shape)
+            assert torch.equal(topk_mask(score, sparsity, scope), want), (trial, sparsity)

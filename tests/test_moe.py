@@ -352,3 +352,19 @@ def test_batched_cholesky_retries_only_the_failed_expert_with_the_same_damping()
         Hd.diagonal().add_(damp * H.diagonal().mean())   # lambda = percdamp * mean(diag H), percdamp as reported
         ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
         assert torch.equal(Ue, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_input_broadcast_to_every_expert_is_counted_once_per_expert(dtype):
+    """moe_calibration 'all': the gate / up input is the same tensor for every expert (an
+    expand, stride 0); its statistics, computed once, equal those of E real copies."""
+    from compress.stats import ExpertStats
+
+    x = torch.randn(1, 50, 12, generator=torch.Generator().manual_seed(0)).to(dtype)
+    fast, slow = ExpertStats(4, 12, True, "cpu"), ExpertStats(4, 12, True, "cpu")
+    idx, counts = torch.tensor([0, 2, 3]), torch.tensor([50, 50, 50])
+    fast.update(idx, x.expand(3, -1, -1), counts)
+    slow.update(idx, x.expand(3, -1, -1).contiguous(), counts)
+    for a, b in ((fast.n, slow.n), (fast.sum, slow.sum), (fast.sumsq, slow.sumsq), (fast.xtx, slow.xtx)):
+        assert torch.equal(a, b)
+    assert fast.n.tolist() == [50, 0, 50, 50] and float(fast.xtx[1].abs().sum()) == 0

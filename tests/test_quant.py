@@ -144,6 +144,30 @@ def test_clip_search_never_increases_error(symmetric, bits):
         assert e_clip.sum() < e_plain.sum()
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_search_picks_the_grid_minimum_in_chunks(symmetric, monkeypatch):
+    """The fast search (in place, exp/log, chunks of groups) against its obvious twin:
+    every shrink 1 - i/grid evaluated with pow and a 0/1 weight, the least error kept."""
+    import compress.quantize as q
+    monkeypatch.setattr(q, "CLIP_ROWS", 7)   # several chunks, the last one short
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 10, 16, generator=g) * torch.exp(torch.randn(3, 10, 1, generator=g))
+    w[:, ::3, 0] *= 6
+    keep = torch.rand(w.shape, generator=g) > 0.25
+    spec = QuantSpec(bits=3, group_size=16, symmetric=symmetric, clip_search=True)
+    s, z = fit(w, keep, spec)
+    assert s.shape == z.shape == (3, 10)
+
+    def err(s, z):
+        w_hat = dequantize(quantize(w, s[..., None], z[..., None], spec.qmax), s[..., None], z[..., None])
+        return ((w_hat - w).abs().pow(2.4) * keep.float()).sum(-1)
+
+    every = torch.stack([err(*fit_params(w, keep, spec, shrink=1 - i / spec.clip_grid))
+                         for i in range(int(spec.clip_maxshrink * spec.clip_grid) + 1)])   # [81, 3, 10]
+    assert torch.allclose(err(s, z), every.min(0).values, rtol=1e-5, atol=0)
+    assert (every.argmin(0) > 0).any()   # some group does shrink
+
+
 def test_clip_search_shrinks_range_around_outlier():
     # One outlier, 31 small weights: the full range rounds every small weight to 0.
     w = torch.cat([torch.linspace(-1, 1, 31), torch.tensor([20.0])])[None]

@@ -10,7 +10,7 @@ rounding error over the columns not yet quantized, the optimal-brain-quantizer u
 
 with H = (2/n) X X^T from the runner's shared X^T X, damped by lambda = percdamp *
 mean(diag H) (retried tenfold on failure). Updates are lazy in blocks of `blocksize`
-columns (step 2). With `act_order` columns are processed by decreasing H_jj (the
+columns (step 2), and inside a block per sub-block of 32 (compress.linalg.sub_blocks). With `act_order` columns are processed by decreasing H_jj (the
 "act-order" heuristic). Group parameters are fitted when the loop reaches a group's
 first column, on the weights as updated so far; under act_order that numbers the
 groups in processing order, so a per-column group index (g_idx) is stored. With
@@ -29,7 +29,7 @@ from typing import Optional, Union
 import torch
 
 from compress.errors import CompressError
-from compress.linalg import handle_dead_inputs, inverse_cholesky
+from compress.linalg import handle_dead_inputs, inverse_cholesky, sub_blocks
 from compress.masks import follows_nm
 from compress.passes.base import Layer, PassConfig, register
 from compress.quantize import QuantResult, QuantSpec, column_groups, dequantize, fit, grouped, quantize, rtn
@@ -116,7 +116,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
     static = static_groups or spec.group_size is None          # per-channel: one group, fitted up front
     info["dead_inputs"] = handle_dead_inputs(H, W)
     if static:
-        scale, zero = _fit(grouped(W, spec), grouped(keep, spec, fill=False), spec)   # [..., out, G]
+        scale, zero = fit(grouped(W, spec), grouped(keep, spec, fill=False), spec)   # [..., out, G]
     else:
         scale = W.new_zeros(*W.shape[:-1], spec.n_groups(d_in))
         zero = torch.zeros_like(scale)
@@ -145,33 +145,23 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
         W1, K1 = W[..., i1:i2].clone(), keep[..., i1:i2]       # [..., out, b]
         U1 = U[..., i1:i2, i1:i2]                              # [..., b, b]
         Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            if not static and j % g == 0:
-                scale[..., j // g], zero[..., j // g] = fit(W1[..., i:i + g], K1[..., i:i + g], spec)
-            if static:
-                s, z = col_scale[..., j], col_zero[..., j]                 # [..., out]
-            else:
-                s, z = _group_of(scale, col_group, j), _group_of(zero, col_group, j)
-            u = torch.where(K1[..., i], quantize(W1[..., i], s, z, spec.qmax), z)
-            err = (W1[..., i] - dequantize(u, s, z)) / U1[..., i, i, None]   # [..., out]
-            W1[..., i:] -= err.unsqueeze(-1) * U1[..., i, None, i:]
-            Err1[..., i] = err
-            codes[..., j] = u.to(torch.uint8)
+        for k1, k2 in sub_blocks(i2 - i1, 1 if static else g):
+            for i in range(k1, k2):
+                j = i1 + i
+                if not static and j % g == 0:
+                    scale[..., j // g], zero[..., j // g] = fit(W1[..., i:i + g], K1[..., i:i + g], spec)
+                s, z = ((col_scale[..., j], col_zero[..., j]) if static               # [..., out]
+                        else (_group_of(scale, col_group, j), _group_of(zero, col_group, j)))
+                u = torch.where(K1[..., i], quantize(W1[..., i], s, z, spec.qmax), z)
+                err = (W1[..., i] - dequantize(u, s, z)) / U1[..., i, i, None]   # [..., out]
+                W1[..., i:k2] -= err.unsqueeze(-1) * U1[..., i, None, i:k2]
+                Err1[..., i] = err
+                codes[..., j] = u.to(torch.uint8)
+            W1[..., k2:] -= Err1[..., k1:k2] @ U1[..., k1:k2, k2:]
         W[..., i2:] -= Err1 @ U[..., i1:i2, i2:]
     inv = torch.argsort(perm, dim=-1)
     g_idx = None if static or not act_order else gid[inv].to(torch.int32)
     return QuantResult(spec, _columns(codes, inv), scale, zero, g_idx)
-
-
-def _fit(Wg: torch.Tensor, Kg: torch.Tensor, spec: QuantSpec):
-    """`fit` of grouped weights [..., out, G, g]; a batch of experts one expert at a time:
-    the clipping search's temporaries of one expert stay in cache, all of them do not
-    (measured 2x slower batched, benchmarks/moe_batched.py)."""
-    if Wg.dim() == 3:
-        return fit(Wg, Kg, spec)
-    parts = [fit(w, k, spec) for w, k in zip(Wg, Kg)]
-    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
 
 def _columns(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ the optimal-brain-surgeon update (Eq. 3)
 restricted to the not-yet-processed columns is the rank-1 update with row j of U, the
 upper Cholesky factor of H^-1 (Sec. 3.2). H = (2/n) sum x x^T is the layer Hessian.
 Updates are applied lazily: within a block of `blocksize` columns immediately, to the
-columns right of the block once per block (Sec. 3.3, "lazy batch updates").
+columns right of the block once per block (Sec. 3.3, "lazy batch updates"), and the
+same once more inside the block, per sub-block of 32 columns (compress.linalg.sub_blocks).
 
 Mask selection is adaptive (Sec. 3.3): at the start of each block the mask for its
 columns is chosen by the OBS saliency w^2 / [H^-1]_jj^2 of the current (already
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.errors import CompressError
-from compress.linalg import handle_dead_inputs, inverse_cholesky
+from compress.linalg import handle_dead_inputs, inverse_cholesky, sub_blocks
 from compress.masks import check_nm_fits, nm_mask, topk_mask
 from compress.passes.base import Layer, SparsityConfig, register
 
@@ -83,15 +84,17 @@ def sparsegpt(layer: Layer, cfg: SparseGPTConfig) -> None:
         if not nm:
             saliency = W1.square() / d.square().unsqueeze(-2)
             prune |= ~topk_mask(saliency, cfg.target_sparsity, cfg.rank_scope)
-        for i in range(i2 - i1):
-            if nm and i % nm[1] == 0:
-                g = slice(i, i + nm[1])
-                saliency = W1[..., g].square() / d[..., g].square().unsqueeze(-2)
-                prune[..., g] |= ~nm_mask(saliency, *nm)
-            w = W1[..., i]                                # [..., out]
-            err = torch.where(prune[..., i], w, 0.0) / d[..., i, None]  # q = w with pruned set to 0
-            W1[..., i:] -= err.unsqueeze(-1) * U1[..., i, None, i:]
-            Err1[..., i] = err
+        for k1, k2 in sub_blocks(i2 - i1, nm[1] if nm else 1):
+            for i in range(k1, k2):
+                if nm and i % nm[1] == 0:
+                    g = slice(i, i + nm[1])
+                    saliency = W1[..., g].square() / d[..., g].square().unsqueeze(-2)
+                    prune[..., g] |= ~nm_mask(saliency, *nm)
+                w = W1[..., i]                            # [..., out]
+                err = torch.where(prune[..., i], w, 0.0) / d[..., i, None]  # q = w with pruned set to 0
+                W1[..., i:k2] -= err.unsqueeze(-1) * U1[..., i, None, i:k2]
+                Err1[..., i] = err
+            W1[..., k2:] -= Err1[..., k1:k2] @ U1[..., k1:k2, k2:]
         W1.masked_fill_(prune, 0.0)  # exact zeros (the update leaves rounding residue)
         W[..., i1:i2] = W1
         W[..., i2:] -= Err1 @ U[..., i1:i2, i2:]
