@@ -31,7 +31,8 @@ GPTQ is set up as our `quant` pass's defaults (compress/passes/quant.py): asymme
 (`symmetric=False`, integer zero points), groups of 64, static activation order (columns
 by decreasing H_jj, group parameters fitted up front: our act_order + static_groups), an
 MSE observer with our clip_search's grid (shrink 1, 0.99, ..., 0.2, |err|^2.4, no early
-stop; llm-compressor's own default stops at 0.8, after 5 steps without gain), block 128, dampening 0.01.
+stop; llm-compressor's own default stops at 0.8, after 5 steps without gain), block 128,
+dampening 0.01.
 """
 from __future__ import annotations
 

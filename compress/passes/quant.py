@@ -10,10 +10,11 @@ rounding error over the columns not yet quantized, the optimal-brain-quantizer u
 
 with H = (2/n) X X^T from the runner's shared X^T X, damped by lambda = percdamp *
 mean(diag H) (retried tenfold on failure). Updates are lazy in blocks of `blocksize`
-columns (step 2), and inside a block per sub-block of 32 (compress.linalg.sub_blocks). With `act_order` columns are processed by decreasing H_jj (the
-"act-order" heuristic). Group parameters are fitted when the loop reaches a group's
-first column, on the weights as updated so far; under act_order that numbers the
-groups in processing order, so a per-column group index (g_idx) is stored. With
+columns (step 2), and inside a block per sub-block of 32 (compress.linalg.sub_blocks).
+With `act_order` columns are processed by decreasing H_jj (the "act-order" heuristic).
+Group parameters are fitted when the loop reaches a group's first column, on the
+weights as updated so far; under act_order that numbers the groups in processing
+order, so a per-column group index (g_idx) is stored. With
 `static_groups` all group parameters are fitted up front on the original weights
 (contiguous groups, no g_idx, also under act_order).
 
