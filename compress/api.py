@@ -1,6 +1,8 @@
 """The Python API: `compress.run(model, [Wanda(sparsity=0.5, pattern="2:4")], calib=...)`."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import platform
 import resource
@@ -9,6 +11,7 @@ from typing import Optional, Union
 
 import torch
 
+from compress import dist
 from compress.block import MoEOptions
 from compress.config import build_config
 from compress.coverage import coverage, inventory, log_coverage
@@ -91,12 +94,41 @@ def training_ids(cfg, calib_cfg, tokenizer, model, check_only: bool = False):
     return load_training(data, tokenizer, exclude=calib_cfg, model=model)
 
 
+def check_training(model, configs: list[PassConfig], calib_cfg, tokenizer) -> None:
+    """Fail on a model-level pass's missing training data before the sweep, not after it."""
+    for cfg in [c for c in configs if c.model_level]:
+        if lazy_of(model) is not None:
+            raise CompressError(f"runner.offload: {cfg.name} trains the whole model at once; it cannot run offloaded")
+        training_ids(cfg, calib_cfg, tokenizer, None, check_only=True)
+
+
 def moe_options(calibration, min_tokens) -> MoEOptions:
     if calibration not in MODES:
         raise CompressError(f"runner.moe_calibration: expected one of {', '.join(MODES)}, got {calibration!r}")
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
         raise CompressError(f"runner.moe_min_tokens: expected a non-negative integer, got {min_tokens!r}")
     return MoEOptions(calibration, min_tokens)
+
+
+def join_processes(device, configs: list[PassConfig], ids: torch.Tensor, moe: MoEOptions, settings: tuple) -> None:
+    """Under torchrun / accelerate launch: join the process group (compress.dist) and
+    refuse what the ranks cannot share, on every rank, before any work. settings:
+    (batch_size, true_sequential, compute_dtype) of the run."""
+    dist.init(device)
+    if not dist.active():
+        return
+    n = dist.world_size()
+    if n > ids.shape[0]:
+        raise CompressError(f"calib.nsamples: {ids.shape[0]} calibration samples for {n} processes; every process "
+                            f"needs at least one (run at most {ids.shape[0]} processes, or calibrate on more samples)")
+    for cfg in configs:
+        if cfg.trains_blocks:
+            raise CompressError(f"{cfg.name}: its block stage trains on every calibration batch of a block, which "
+                                "is not split across processes; run it in one process (or gqsa.epochs: 0)")
+    what = json.dumps({"passes": [{c.name: c.to_dict()} for c in configs], "moe": [moe.calibration, moe.min_tokens],
+                       "settings": list(settings), "ids": hashlib.sha256(ids.numpy().tobytes()).hexdigest()},
+                      sort_keys=True, default=str)
+    dist.check_same("recipe and calibration set", what)
 
 
 def peak_rss_mib() -> float:
@@ -156,21 +188,18 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
     needed; source 'self' samples from `model`). compute_dtype: dtype name of the
     calibration forwards; None picks bf16 for an fp32 model on a CPU with native bf16,
     else the model's dtype (statistics and pass math are fp32 either way). state: a
-    compress.resume.RunState that saves progress after every block and stage, and
-    restores what an earlier, interrupted run with the same fingerprint finished.
-    moe_calibration: 'all' (every fused expert's statistics from every calibration token)
-    or 'routed' (from the tokens routed to it); experts that saw fewer than
-    moe_min_tokens tokens are compressed data-free (magnitude / RTN), with a warning."""
+    compress.resume.RunState (progress saved after every block and stage; an interrupted
+    run's finished work restored). moe_calibration: 'all' (every fused expert's statistics
+    from every calibration token) or 'routed' (from the tokens routed to it); experts that
+    saw fewer than moe_min_tokens tokens are compressed data-free (magnitude / RTN).
+    Under torchrun / accelerate launch the processes share the work (compress.dist)."""
     moe, configs = moe_options(moe_calibration, moe_min_tokens), as_configs(passes)
     if not configs:
         raise CompressError("passes: expected at least one pass")
     preflight(model, configs)
     calib_cfg, ids = calibration(model, calib, tokenizer, calib_config)
-    for cfg in configs:  # fail on missing training data before the sweep, not after it
-        if cfg.model_level and lazy_of(model) is not None:
-            raise CompressError(f"runner.offload: {cfg.name} trains the whole model at once; it cannot run offloaded")
-        if cfg.model_level:
-            training_ids(cfg, calib_cfg, tokenizer, None, check_only=True)
+    join_processes(device, configs, ids, moe, (batch_size, true_sequential, compute_dtype))
+    check_training(model, configs, calib_cfg, tokenizer)
     weights = inventory(model)   # before any layer is packed
     t0 = time.perf_counter()
     device, dtype = resolve(device, getattr(torch, compute_dtype) if compute_dtype else None, model)
@@ -195,6 +224,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         "moe_calibration": moe.calibration,
         "compute_dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
+        "processes": dist.world_size(),
         "summary": {"layers": len({r["layer"] for r in layers}), **sparsity,
                     "seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib(), 1)},
         "coverage": section,

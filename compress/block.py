@@ -27,6 +27,7 @@ from compress.capture import BlockInput, forward_block
 from compress.errors import CompressError
 from compress.experts import ExpertLinear
 from compress.models import set_weight
+from compress.parallel import compress_layers, reduce_stats
 from compress.passes.base import BLOCK_FNS, BlockContext, Layer, PassConfig, pass_fn
 from compress.routing import ExpertsObserver
 from compress.stats import InputStats
@@ -92,6 +93,7 @@ def collect_stats(block, linears: dict, inputs: list[BlockInput], want_xtx: bool
     for ob in observers:
         for p, st in ob.stats.items():
             stats[f"{ob.ex.name}.{p.name}"] = st
+    reduce_stats(stats)   # a distributed run: every rank saw its own shard of the samples
     return stats
 
 
@@ -194,14 +196,17 @@ def _layer_stage(block, linears: dict, layers: dict, cfgs: list[PassConfig], inp
     outputs to it (the dense block's, for block passes)."""
     mine = _targeted(linears, cfgs)
     want_xtx = any(c.needs_xtx for c in cfgs)
+    moe = moe or MoEOptions()
+
+    def run(sub: dict, stats: Optional[dict]) -> None:   # in a distributed run, each rank its share
+        compress_layers(layers, sub, stats, cfgs, lambda *a: compress_linear(*a, moe), moe.min_tokens)
+
     if not _stats_forward(cfgs, mine):
-        for n, m in mine.items():
-            compress_linear(layers[n], m, None, cfgs, moe)
+        run(mine, None)
     elif not true_sequential:
         stats = collect_stats(block, mine, inputs, want_xtx, device, outputs=targets, act_device=act_device, moe=moe)
         _check_observed(mine, stats)
-        for n, m in mine.items():
-            compress_linear(layers[n], m, stats[n], cfgs, moe)
+        run(mine, stats)
     else:
         # true_sequential: re-collect statistics before each group of layers that share
         # an input, so that o_proj calibrates on the output of the compressed q/k/v.
@@ -209,9 +214,7 @@ def _layer_stage(block, linears: dict, layers: dict, cfgs: list[PassConfig], inp
         _check_observed(mine, first)
         for group in input_groups(first):   # never empty: each holds the layer that owns its stats
             sub = {n: linears[n] for n in group}
-            stats = collect_stats(block, sub, inputs, want_xtx, device, moe=moe)
-            for n, m in sub.items():
-                compress_linear(layers[n], m, stats[n], cfgs, moe)
+            run(sub, collect_stats(block, sub, inputs, want_xtx, device, moe=moe))
 
 
 @torch.no_grad()

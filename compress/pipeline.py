@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Optional
 
 import torch
 
+from compress import dist
 from compress.api import as_configs, peak_rss_mib, run, versions
 from compress.errors import CompressError
 from compress.loading import load_model, resolve_model
@@ -36,15 +36,12 @@ def run_state(recipe: Recipe, ids: torch.Tensor, out_dir: Optional[str], run_dir
               resume: Optional[str]):
     """The RunState that saves progress block by block: in `resume` (continuing the run
     there), else in `run_dir`, else beside the output as OUTPUT.run; None without an
-    output, or when several processes share the run."""
+    output. The processes of a distributed run share it (on a shared file system when
+    they run on several nodes)."""
     from compress.resume import RunState, fingerprint
 
     path = resume or run_dir or (f"{str(out_dir).rstrip('/')}.run" if out_dir else None)
     if path is None:
-        return None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if resume:
-            raise CompressError("--resume: runs of several processes (accelerate launch, torchrun) cannot resume")
         return None
     return RunState(path, fingerprint(recipe.sha256, ids), resume=resume is not None)
 
@@ -87,13 +84,23 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None, run_dir: Optional[s
 
     Progress is saved after every block (see run_state); `resume` names the run folder
     of an interrupted run of the same recipe to continue."""
-    from calib import load_calibration
     from compress.checkpoint import check_output_dir
-    from compress.eval import ReferenceLogProbs
 
     out_dir = output or recipe.output.dir
     if out_dir is not None:
         check_output_dir(out_dir)  # before the long run, not after it
+    created = dist.init(recipe.runner.device)   # torchrun / accelerate launch: one process group
+    try:
+        dist.check_same("recipe", recipe.sha256)
+        return _run_recipe(recipe, out_dir, run_dir, resume)
+    finally:
+        dist.close(created)
+
+
+def _run_recipe(recipe: Recipe, out_dir: Optional[str], run_dir: Optional[str], resume: Optional[str]) -> dict:
+    from calib import load_calibration
+    from compress.eval import ReferenceLogProbs
+
     t_start = time.perf_counter()
     model, tokenizer = load_for(recipe, kept=out_dir is not None or run_dir is not None or resume is not None)
     configs = as_configs(recipe.passes)
@@ -103,9 +110,9 @@ def run_recipe(recipe: Recipe, output: Optional[str] = None, run_dir: Optional[s
     ids = load_calibration(recipe.calib, tokenizer, model)
     state = run_state(recipe, ids, out_dir, run_dir, resume)
 
-    # Under `accelerate launch` every process runs the recipe (PERP trains data-parallel);
-    # only the first evaluates and writes the output.
-    main = int(os.environ.get("RANK", "0")) == 0
+    # Under torchrun / accelerate launch every process runs the recipe, each calibrating
+    # on its own samples (compress.dist); only the first evaluates and writes the output.
+    main = dist.rank() == 0
     windows = windows if main else None
     evaluation, reference = {}, None
     if windows is not None and recipe.eval.compare:

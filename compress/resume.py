@@ -5,12 +5,18 @@ finished block and ends with the same bytes as a run that was never interrupted.
     RUN_DIR/s{S}/block{i}.safetensors  block i after sweep S: its state (packed buffers
                                      too), the global RNG state
     RUN_DIR/s{S}/block{i}.json       its runtime modules' metas and its report rows
-    RUN_DIR/s{S}/hidden.safetensors  the calibration hidden states after the last
-                                     finished block (what the next block reads)
+    RUN_DIR/s{S}/hidden{i}.safetensors  the calibration hidden states after block i,
+                                     the last finished one (what the next block reads);
+                                     hidden{i}.rank{r}.safetensors per rank of a
+                                     distributed run (each holds its own samples)
     RUN_DIR/s{S}/model.safetensors   the whole model after a model-level stage (PERP)
 
 Every file is written to a temporary name and renamed, and run.json, renamed last,
-says what is complete: a kill between two renames leaves the previous state whole.
+says what is complete: a kill between two renames leaves the previous state whole
+(the hidden states of the block before are deleted only after the commit). In a
+distributed run (compress.dist) rank 0 writes the blocks, the snapshots and run.json,
+every rank its own hidden states, and a barrier orders the writes before the commit;
+such a run resumes with the same number of processes.
 Restoring replays the newest model snapshot, then the block files of the sweeps after
 it, in order. The calibration inputs' other arguments (each block's masks and rotary
 tables) are captured again; only the hidden states are stored.
@@ -29,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from compress import dist
 from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
@@ -68,23 +75,31 @@ class RunState:
     def __init__(self, path: str, fp: str, resume: bool):
         self.path = Path(path)
         self.fp = fp
-        if resume:
-            info = self.path / "run.json"
-            if not info.is_file():
-                raise CompressError(f"--resume: {path!r} holds no run (no run.json)")
-            self.progress = json.loads(info.read_text())
-            if self.progress.get("fingerprint") != fp:
-                raise CompressError(f"--resume: {path!r} was written by a different recipe or calibration set")
-        else:
-            if self.path.exists() and any(self.path.iterdir()):
-                if not (self.path / "run.json").is_file():
-                    raise CompressError(f"--run-dir: {path!r} exists and is not a run folder; "
-                                        "name a new or empty folder")
-                log.warning("discarding the interrupted run in %s (pass --resume %s to continue it)", path, path)
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True)
-            self.progress = {"fingerprint": fp, "stages_done": [], "blocks_done": {}}
-            self._commit()
+        dist.init()   # under a launcher the ranks share the folder: join them first (no-op otherwise)
+        self.main = dist.rank() == 0
+        if not resume and self.main:
+            self._fresh(path)
+        dist.barrier("setting up the run folder")   # the others read what rank 0 wrote
+        info = self.path / "run.json"
+        if not info.is_file():
+            raise CompressError(f"--resume: {path!r} holds no run (no run.json)")
+        self.progress = json.loads(info.read_text())
+        if self.progress.get("fingerprint") != fp:
+            raise CompressError(f"--resume: {path!r} was written by a different recipe or calibration set")
+        if self.progress.get("processes", 1) != dist.world_size():
+            raise CompressError(f"--resume: the run in {path!r} used {self.progress.get('processes', 1)} processes; "
+                                f"resume it with that many, not {dist.world_size()}")
+
+    def _fresh(self, path: str) -> None:
+        if self.path.exists() and any(self.path.iterdir()):
+            if not (self.path / "run.json").is_file():
+                raise CompressError(f"--run-dir: {path!r} exists and is not a run folder; name a new or empty folder")
+            log.warning("discarding the interrupted run in %s (pass --resume %s to continue it)", path, path)
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        self.progress = {"fingerprint": self.fp, "processes": dist.world_size(), "stages_done": [],
+                         "blocks_done": {}}
+        self._commit()
 
     def _commit(self) -> None:
         _atomic(self.path / "run.json", lambda p: p.write_text(json.dumps(self.progress, indent=1)))
@@ -98,31 +113,44 @@ class RunState:
 
     def block_done(self, stage: int, i: int, block, prefix: str, hidden: list, rows: list) -> None:
         """Block i of sweep `stage` is final (runtime modules swapped in); `hidden` are
-        the next block's inputs."""
+        the next block's inputs (this rank's)."""
         d = self._dir(stage)
-        state = {k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}
-        state["__rng__"] = torch.get_rng_state()
-        _atomic(d / f"block{i}.safetensors", lambda p: save_file(state, str(p)))
-        _atomic(d / f"block{i}.json", lambda p: p.write_text(json.dumps(
-            {"modules": _meta_of(block, f"{prefix}.{i}"), "rows": rows}, default=str)))
+        if self.main:
+            state = {k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}
+            state["__rng__"] = torch.get_rng_state()
+            _atomic(d / f"block{i}.safetensors", lambda p: save_file(state, str(p)))
+            _atomic(d / f"block{i}.json", lambda p: p.write_text(json.dumps(
+                {"modules": _meta_of(block, f"{prefix}.{i}"), "rows": rows}, default=str)))
         if hidden:
-            _atomic(d / "hidden.safetensors",
+            _atomic(self._hidden(stage, i),
                     lambda p: save_file({str(k): h.contiguous().cpu() for k, h in enumerate(hidden)}, str(p)))
-        self.progress["blocks_done"][str(stage)] = i
-        self._commit()
+        self._commit_all("saving block %d" % i, lambda: self.progress["blocks_done"].__setitem__(str(stage), i))
+        self._hidden(stage, i - 1).unlink(missing_ok=True)   # committed: the states before are not needed
+
+    def _hidden(self, stage: int, i: int) -> Path:
+        rank = f".rank{dist.rank()}" if dist.world_size() > 1 else ""
+        return self.path / f"s{stage}" / f"hidden{i}{rank}.safetensors"
+
+    def _commit_all(self, what: str, change) -> None:
+        """Every rank's files are written: record `change` in run.json (rank 0), then
+        let the ranks go on."""
+        change()
+        dist.barrier(what)
+        if self.main:
+            self._commit()
+        dist.barrier(what)
 
     def stage_done(self, stage: int, model, model_level: bool, summary: Optional[dict] = None) -> None:
         """A whole stage is complete; a model-level one (PERP) snapshots the model, with
         its report `summary`."""
-        if model_level:
+        if model_level and self.main:
             from safetensors.torch import save_model
             d = self._dir(stage)
             _atomic(d / "model.safetensors", lambda p: save_model(model, str(p)))
             _atomic(d / "model.json", lambda p: p.write_text(json.dumps(
                 {"modules": _meta_of(model), "tied": _tied(model), "summary": summary},
                 default=str)))
-        self.progress["stages_done"].append(stage)
-        self._commit()
+        self._commit_all(f"saving stage {stage}", lambda: self.progress["stages_done"].append(stage))
 
     # ------------------------------------------------------------------ reading
 
@@ -168,7 +196,7 @@ class RunState:
         return [r for i in range(n_blocks) for r in json.loads((d / f"block{i}.json").read_text())["rows"]]
 
     def restore_hidden(self, stage: int) -> list[torch.Tensor]:
-        h = load_file(str(self.path / f"s{stage}" / "hidden.safetensors"))
+        h = load_file(str(self._hidden(stage, self.last_block(stage))))
         return [h[str(k)] for k in range(len(h))]
 
     def restore_model(self, stage: int, model) -> Optional[dict]:
@@ -185,8 +213,9 @@ class RunState:
         return info["summary"]
 
     def close(self) -> None:
-        """The output is written: the run folder is no longer needed."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """The output is written: the run folder is no longer needed (rank 0 removes it)."""
+        if self.main:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _tied(model) -> bool:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress import dist
 from compress.block import MoEOptions, compress_block, hits
 from compress.capture import CalibInputs, capture_inputs, forward_block
 from compress.errors import CompressError
@@ -154,7 +155,8 @@ def run_sweep(model, sweep: list[PassConfig], ids: torch.LongTensor, *, device=N
     _move_all_but(model, blocks, device)
     rows: list[dict] = []
     need_inputs = any(c.needs_stats or c.name in BLOCK_FNS for c in sweep) or observe is not None
-    calib = capture_inputs(model, blocks, ids, batch_size, device, act_device, dtype) if need_inputs else CalibInputs()
+    mine = ids[dist.shard(ids.shape[0])]   # a distributed run: this rank's samples (compress.dist)
+    calib = capture_inputs(model, blocks, mine, batch_size, device, act_device, dtype) if need_inputs else CalibInputs()
     lazy = lazy_of(model)   # offloaded: blocks live on disk until needed (compress.offload)
     if lazy is not None and state is None:
         raise CompressError("runner.offload: an offloaded model needs a run folder (compress.resume.RunState)")

@@ -51,6 +51,18 @@ class PassConfig:
         """Raise CompressError if the pass cannot run on a layer of this shape; the
         runner calls it for every targeted layer before any work."""
 
+    def cost(self, out: int, d_in: int) -> float:
+        """Estimated work on one [out, d_in] layer, by which a distributed run deals the
+        layers to its processes (compress.parallel): out * d_in for a pass of
+        elementwise scores and masks (magnitude, Wanda)."""
+        return float(out) * d_in
+
+    @property
+    def trains_blocks(self) -> bool:
+        """Whether the pass has a block stage that trains on a block's calibration
+        batches (GQSA's BQPO, PERP's reconstruct)."""
+        return self.name in BLOCK_FNS and not self.model_level
+
     @property
     def uses_layers(self) -> bool:
         """False for a pass that may touch no linear layer (PERP training norms only)."""
@@ -150,6 +162,12 @@ class BlockContext:
     device: torch.device
     dtype: torch.dtype
     forward: Callable[[int], torch.Tensor]
+
+
+def second_order_cost(out: int, d_in: int) -> float:
+    """SparseGPT's / GPTQ's work on one [out, d_in] layer: the Hessian's Cholesky inverse
+    (about d_in^3 / 3 multiply-adds, BLAS-3) plus the column loop's updates (out * d_in^2)."""
+    return float(d_in) ** 3 / 3 + float(out) * d_in * d_in
 
 
 def make_config(name: str, args: Optional[dict]) -> PassConfig:

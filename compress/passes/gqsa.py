@@ -70,6 +70,10 @@ class GQSAConfig(QuantConfig):
     needs_stats = True
     needs_xtx = True
 
+    @property
+    def trains_blocks(self) -> bool:
+        return self.epochs > 0   # epochs 0: the one-shot layer stage only
+
     def validate(self) -> None:
         super().validate()
         n = self.name

@@ -27,7 +27,7 @@ import torch
 from compress.errors import CompressError
 from compress.linalg import handle_dead_inputs, inverse_cholesky, sub_blocks
 from compress.masks import check_nm_fits, nm_mask, topk_mask
-from compress.passes.base import Layer, SparsityConfig, register
+from compress.passes.base import Layer, SparsityConfig, register, second_order_cost
 
 
 @dataclass
@@ -40,6 +40,9 @@ class SparseGPTConfig(SparsityConfig):
     percdamp: float = 0.01
 
     needs_xtx = True
+
+    def cost(self, out: int, d_in: int) -> float:
+        return second_order_cost(out, d_in)
     batched = True
 
     def validate(self) -> None:
