@@ -40,10 +40,10 @@ class SparseGPTConfig(SparsityConfig):
     percdamp: float = 0.01
 
     needs_xtx = True
+    batched = True
 
     def cost(self, out: int, d_in: int) -> float:
         return second_order_cost(out, d_in)
-    batched = True
 
     def validate(self) -> None:
         super().validate()
