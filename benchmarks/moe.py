@@ -35,7 +35,7 @@ honours by running the experts one at a time. The targets are checked below the 
     python benchmarks/moe.py --data-dir ../shared/data [--nsamples 128] [--windows 64]
         [--rows dense,wanda50,wanda24,sgpt50,sgpt24,gptq4] [--modes all,routed] [--no-peer]
         [--no-looped] [--peer-python PATH] [--perturb 0.01] [--work DIR] [--reuse-model]
-        [--keep-weights] [--markdown FILE]
+        [--keep-weights] [--add-rows] [--markdown FILE]
 """
 from __future__ import annotations
 
@@ -243,6 +243,8 @@ def parse(argv=None):
     ap.add_argument("--work", default=str(HERE / ".cache" / "moe"))
     ap.add_argument("--reuse-model", action="store_true",
                     help="reuse WORK/upcycled when it was built (and checked) with the same settings")
+    ap.add_argument("--add-rows", action="store_true",
+                    help="keep the rows WORK/rows.json already holds and add (or redo) the --rows given")
     ap.add_argument("--keep-weights", action="store_true", help="keep each row's saved weights (2.6 GB each)")
     ap.add_argument("--markdown", help="also write the output (tables, targets) to this file")
     a = ap.parse_args(argv)
@@ -271,7 +273,8 @@ def main() -> None:
     if not a.no_peer and not a.peer_python:
         setup = subprocess.run(["bash", str(HERE / "setup_peer.sh")], capture_output=True, text=True, check=True)
         a.peer_python = setup.stdout.strip().splitlines()[-1]
-    rows: dict = {}
+    saved = work / "rows.json"
+    rows: dict = json.loads(saved.read_text()) if a.add_rows and saved.exists() else {}
     for key in a.rows:
         if key == "dense":
             rows[key] = {"ours_all": dense_ppl(folder, windows)}
