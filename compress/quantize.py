@@ -40,10 +40,16 @@ class QuantSpec:
     clip_search: bool = False
     clip_grid: int = 100
     clip_maxshrink: float = 0.8
+    static_only = False   # compress.ggml's grids fit their blocks up front only
 
     @property
     def qmax(self) -> int:
         return (1 << self.bits) - 1
+
+    @property
+    def candidates(self) -> int:
+        """Ranges the clip search tries per group."""
+        return int(self.clip_maxshrink * self.clip_grid)
 
     def group(self, d_in: int) -> int:
         return d_in if self.group_size is None else self.group_size
@@ -51,6 +57,20 @@ class QuantSpec:
     def n_groups(self, d_in: int) -> int:
         g = self.group(d_in)
         return (d_in + g - 1) // g
+
+    # The grid interface RTN, GPTQ and QuantResult use (compress.ggml.GGMLSpec has it too).
+    def fit_raw(self, wg: torch.Tensor, kg: torch.Tensor):
+        """Scale and zero [..., G] of grouped weights wg, kg [..., G, g]; no stored extras."""
+        return (*fit(wg, kg, self), None)
+
+    def quantize(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return quantize(w, s, z, self.qmax)
+
+    def zero_code(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def dequantize(self, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return dequantize(u, s, z)
 
 
 def round_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -155,6 +175,8 @@ class QuantResult:
            (GPTQ with act_order and dynamic groups numbers groups in activation order)
     sparse24  the weight is exact 2:4 (a 2:4 pass ran before): store only the kept
            half of the codes (SparseQuantLinear)
+    raw    what a ggml grid's blocks store besides the codes ({name: [out, blocks, ...]},
+           compress.ggml), None on integer grids
     """
 
     spec: QuantSpec
@@ -163,6 +185,7 @@ class QuantResult:
     zero: torch.Tensor
     g_idx: Optional[torch.Tensor] = None
     sparse24: bool = False
+    raw: Optional[dict] = None
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scale, self.zero, self.spec, self.g_idx)
@@ -170,7 +193,9 @@ class QuantResult:
     def split(self) -> list["QuantResult"]:
         """The results of a batch of experts (codes [E, out, in]), one per expert."""
         return [QuantResult(self.spec, self.codes[e], self.scale[e], self.zero[e],
-                            None if self.g_idx is None else self.g_idx[e]) for e in range(self.codes.shape[0])]
+                            None if self.g_idx is None else self.g_idx[e],
+                            raw=None if self.raw is None else {k: v[e] for k, v in self.raw.items()})
+                for e in range(self.codes.shape[0])]
 
 
 def column_groups(d_in: int, spec: QuantSpec, device=None) -> torch.Tensor:
@@ -181,7 +206,7 @@ def column_groups(d_in: int, spec: QuantSpec, device=None) -> torch.Tensor:
 def dequantize_weight(codes, scale, zero, spec: QuantSpec, g_idx=None) -> torch.Tensor:
     """W_hat [out, in] fp32 from codes [out, in] and per-group scale / zero [out, G]."""
     gid = column_groups(codes.shape[1], spec, codes.device) if g_idx is None else g_idx.long()
-    return dequantize(codes, scale[:, gid], zero[:, gid])
+    return spec.dequantize(codes, scale[:, gid], zero[:, gid])
 
 
 def grouped(t: torch.Tensor, spec: QuantSpec, fill=0) -> torch.Tensor:
@@ -199,8 +224,8 @@ def rtn(W: torch.Tensor, keep: Optional[torch.Tensor], spec: QuantSpec) -> Quant
     pruned weights (keep False) stay zero."""
     keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep
     Wg, Kg = grouped(W, spec), grouped(keep, spec, fill=False)       # [..., out, G, g]
-    scale, zero = fit(Wg, Kg, spec)                                  # [..., out, G]
-    codes = quantize(Wg, scale[..., None], zero[..., None], spec.qmax)
-    codes = torch.where(Kg, codes, zero[..., None])                  # pruned -> the code of 0
+    scale, zero, raw = spec.fit_raw(Wg, Kg)                          # [..., out, G]
+    s, z = scale[..., None], zero[..., None]
+    codes = torch.where(Kg, spec.quantize(Wg, s, z), spec.zero_code(s, z))   # pruned -> the code of 0
     codes = codes.reshape(*W.shape[:-1], -1)[..., :W.shape[-1]].to(torch.uint8)
-    return QuantResult(spec, codes, scale, zero)
+    return QuantResult(spec, codes, scale, zero, raw=raw)

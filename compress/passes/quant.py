@@ -30,10 +30,13 @@ from typing import Optional, Union
 import torch
 
 from compress.errors import CompressError
+from compress.ggml import FALLBACK, FORMATS, ZERO_EXACT, GGMLSpec, format_for
 from compress.linalg import handle_dead_inputs, inverse_cholesky, sub_blocks
 from compress.masks import follows_nm
 from compress.passes.base import Layer, PassConfig, register, second_order_cost
-from compress.quantize import QuantResult, QuantSpec, column_groups, dequantize, fit, grouped, quantize, rtn
+from compress.quantize import QuantResult, QuantSpec, column_groups, fit, grouped, rtn
+
+GGUF_FORMATS = tuple(f"gguf-{f}" for f in FORMATS)
 
 
 @dataclass
@@ -45,7 +48,13 @@ class QuantConfig(PassConfig):
     method      'rtn' or 'gptq'
     act_order   GPTQ: process columns by decreasing H_jj
     static_groups  GPTQ: fit all group parameters before the loop (no g_idx)
-    clip_search MSE search over shrunken ranges (GPTQ's reference quantizer)
+    clip_search MSE search over shrunken ranges (GPTQ's reference quantizer); on a
+                gguf format, ggml's least-squares search over candidate scales
+    format      'int' (the grid above), or a llama.cpp block format, gguf-q8_0 | q4_0 |
+                q4_1 | q5_0 | q5_1 | q4_k | q5_k | q6_k (compress.ggml): the format sets
+                bits and groups, GPTQ optimizes on its grid and the GGUF exporter writes
+                its codes as they are. Rows that are not whole 256-weight super-blocks get
+                llama.cpp's fallback (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0), noted per layer.
     The defaults (act_order, static groups, MSE clipping) measured best on SmolLM2 at
     3 bits g64: 55.6 perplexity with act_order + clipping against 91.0 for plain GPTQ
     and 94.9 for RTN (benchmarks/RESULTS.md).
@@ -60,6 +69,7 @@ class QuantConfig(PassConfig):
     clip_search: bool = True
     blocksize: int = 128
     percdamp: float = 0.01
+    format: str = "int"
 
     packs = True  # produces a runtime module: must be the last layer pass on its layers
     batched = True
@@ -92,6 +102,20 @@ class QuantConfig(PassConfig):
             raise CompressError(f"{n}.blocksize: expected a positive integer, got {self.blocksize!r}")
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0 < self.percdamp < 1:
             raise CompressError(f"{n}.percdamp: expected a number in (0, 1), got {self.percdamp!r}")
+        self._validate_format()
+
+    def _validate_format(self) -> None:
+        n = self.name
+        if self.format not in ("int",) + GGUF_FORMATS:
+            raise CompressError(f"{n}.format: expected int or one of {', '.join(GGUF_FORMATS)}, got {self.format!r}")
+        if self.format == "int":
+            return
+        for key, default in (("bits", 4), ("group_size", 128), ("symmetric", False)):
+            if getattr(self, key) != default:
+                raise CompressError(f"{n}.{key}: format {self.format} sets the grid; leave {key} out")
+        if not self.static_groups:
+            raise CompressError(f"{n}.static_groups: format {self.format} fits its blocks before GPTQ's loop "
+                                f"(static groups); expected true")
 
     # Elementwise operations per weight and clip candidate (scale, round, clamp,
     # dequantize, |error|^2.4 as exp / log): measured on SmolLM2's layers, the MSE search
@@ -100,13 +124,35 @@ class QuantConfig(PassConfig):
 
     def cost(self, out: int, d_in: int) -> float:
         spec = self.spec
-        clip = int(spec.clip_maxshrink * spec.clip_grid) * self.CLIP_OPS if self.clip_search else 1
+        clip = spec.candidates * self.CLIP_OPS if self.clip_search else 1
         return (second_order_cost(out, d_in) if self.method == "gptq" else 0.0) + float(out) * d_in * clip
 
     @property
-    def spec(self) -> QuantSpec:
+    def spec(self) -> Union[QuantSpec, GGMLSpec]:
+        if self.format != "int":
+            return GGMLSpec(self.format[len("gguf-"):], self.clip_search)
         return QuantSpec(self.bits, None if self.group_size == "channel" else self.group_size,
                          self.symmetric, self.clip_search)
+
+    def spec_for(self, layer: Layer) -> Union[QuantSpec, GGMLSpec]:
+        """The grid of this layer: a gguf format falls back as llama.cpp's quantizer does
+        where the rows are not whole super-blocks (noted in the layer's report)."""
+        spec = self.spec
+        if self.format == "int":
+            return spec
+        d_in = layer.W.shape[-1]
+        fmt = format_for(spec.fmt, d_in)
+        if fmt is None:
+            alt = f" nor of {FORMATS[FALLBACK[spec.fmt]][0]} (its fallback gguf-{FALLBACK[spec.fmt]})" \
+                if spec.fmt in FALLBACK else ""
+            raise CompressError(f"{self.name}.format: {layer.name} has {d_in} inputs, not a multiple of "
+                                f"{spec.block} ({self.format}){alt}; ignore the layer or choose another format")
+        if fmt != spec.fmt:
+            layer.info["format"] = (f"gguf-{fmt}: llama.cpp's fallback for {self.format}, {d_in} inputs "
+                                    f"are not whole {spec.block}-weight super-blocks")
+        if fmt not in ZERO_EXACT and not bool((layer.W != 0).all()):
+            layer.info["zeros"] = f"gguf-{fmt} has no exact 0: this layer's pruned weights become small values"
+        return GGMLSpec(fmt, self.clip_search)
 
 
 Quant = QuantConfig
@@ -124,12 +170,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
     W = W.clone()
     d_in = W.shape[-1]
     g = spec.group(d_in)
-    static = static_groups or spec.group_size is None          # per-channel: one group, fitted up front
+    static = static_groups or spec.group_size is None or spec.static_only   # per channel, ggml: up front
     info["dead_inputs"] = handle_dead_inputs(H, W)
     if static:
-        scale, zero = fit(grouped(W, spec), grouped(keep, spec, fill=False), spec)   # [..., out, G]
+        scale, zero, raw = spec.fit_raw(grouped(W, spec), grouped(keep, spec, fill=False))   # [..., out, G]
     else:
-        scale = W.new_zeros(*W.shape[:-1], spec.n_groups(d_in))
+        scale, raw = W.new_zeros(*W.shape[:-1], spec.n_groups(d_in)), None
         zero = torch.zeros_like(scale)
     if act_order:   # stable: equal H_jj (white statistics of a rare expert) keep their order
         perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)   # [..., in]
@@ -163,8 +209,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
                     scale[..., j // g], zero[..., j // g] = fit(W1[..., i:i + g], K1[..., i:i + g], spec)
                 s, z = ((col_scale[..., j], col_zero[..., j]) if static               # [..., out]
                         else (_group_of(scale, col_group, j), _group_of(zero, col_group, j)))
-                u = torch.where(K1[..., i], quantize(W1[..., i], s, z, spec.qmax), z)
-                err = (W1[..., i] - dequantize(u, s, z)) / U1[..., i, i, None]   # [..., out]
+                u = torch.where(K1[..., i], spec.quantize(W1[..., i], s, z), spec.zero_code(s, z))
+                err = (W1[..., i] - spec.dequantize(u, s, z)) / U1[..., i, i, None]   # [..., out]
                 W1[..., i:k2] -= err.unsqueeze(-1) * U1[..., i, None, i:k2]
                 Err1[..., i] = err
                 codes[..., j] = u.to(torch.uint8)
@@ -172,7 +218,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
         W[..., i2:] -= Err1 @ U[..., i1:i2, i2:]
     inv = torch.argsort(perm, dim=-1)
     g_idx = None if static or not act_order else gid[inv].to(torch.int32)
-    return QuantResult(spec, _columns(codes, inv), scale, zero, g_idx)
+    return QuantResult(spec, _columns(codes, inv), scale, zero, g_idx, raw=raw)
 
 
 def _columns(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -191,11 +237,12 @@ def _group_of(t: torch.Tensor, gid, j: int) -> torch.Tensor:
 @register("quant", QuantConfig)
 def quant(layer: Layer, cfg: QuantConfig) -> None:
     keep = layer.W != 0                                        # an earlier pass's zeros stay zero
+    spec = cfg.spec_for(layer)
     if cfg.method == "rtn":
-        res = rtn(layer.W, keep, cfg.spec)
+        res = rtn(layer.W, keep, spec)
     else:
         H = layer.stats.hessian().to(layer.W.device)
-        res = gptq(layer.W, H, keep, cfg.spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+        res = gptq(layer.W, H, keep, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                    act_order=cfg.act_order, static_groups=cfg.static_groups, name=layer.name, info=layer.info)
     parts = res.split() if layer.W.dim() == 3 else [res]      # a batch of experts: one result each
     for k, part in enumerate(parts):
