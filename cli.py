@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="store layers the format cannot express (ARMOR, GQSA...) as dense weights")
     x.add_argument("--sparse-format", default="dense", choices=["dense", "bitmask"],
                    help="compressed-tensors: zeros in place, or sparse-24-bitmask (2:4; compressed-tensors <= 0.14)")
-    x.add_argument("--gguf-type", default="Q8_0", choices=["F16", "Q8_0", "Q4_0", "Q4_1"])
+    x.add_argument("--gguf-type", default="Q8_0",
+                   choices=["F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 
     pl = sub.add_parser("plan", help="estimate a recipe's peak memory and run time before running it")
     pl.add_argument("recipe", help="recipe YAML file")

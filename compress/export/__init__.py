@@ -7,8 +7,9 @@
                         `dtype` (fp16 by default): what any loader reads
     compressed-tensors  what vLLM loads: group / channel int4 and int8 as pack-quantized,
                         sparsity as metadata (`dense`) or, for 2:4, `sparse-24-bitmask`
-    gguf                llama.cpp: F16, Q8_0, Q4_0 (Q4_1) tensors with the architecture
-                        and tokenizer metadata
+    gguf                llama.cpp: F16, Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K (Q4_1, Q5_1)
+                        tensors with the architecture and tokenizer metadata; layers
+                        quantized on a llama.cpp grid keep their own blocks
 
 A format that cannot express a layer (an ArmorLinear in compressed-tensors, say) is
 refused with the layer's name, unless `fold: true` asks to store its effective weight
@@ -27,7 +28,7 @@ from compress.errors import CompressError
 log = logging.getLogger(__name__)
 
 FORMATS = ("hf", "compressed-tensors", "gguf")
-GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1")
+GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 @dataclass
@@ -38,7 +39,7 @@ class ExportConfig:
     dtype: str = "float16"           # dense tensors: float16 | bfloat16 | float32
     fold: bool = False               # store layers the format cannot express as dense weights
     sparse_format: str = "dense"     # compressed-tensors, unquantized 2:4 layers: dense | bitmask
-    gguf_type: str = "Q8_0"          # gguf: F16 | Q8_0 | Q4_0 | Q4_1
+    gguf_type: str = "Q8_0"          # gguf: F16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K
 
     def validate(self) -> None:
         allowed = {"format": FORMATS, "dtype": ("float16", "bfloat16", "float32"),
