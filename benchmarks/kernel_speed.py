@@ -1,5 +1,7 @@
 """Kernel benchmark (issue 8): each compressed linear kernel against dense fp16 cuBLAS on
 LLaMA-2-7B layer shapes, then end-to-end decode and prefill of a LLaMA-2-7B-shaped model.
+(Not named kernels.py: on sys.path that would shadow the `kernels` package, which
+transformers imports, and break every benchmark.)
 
 Layers (out x in): 4096x4096 (q/k/v/o), 11008x4096 (gate/up), 4096x11008 (down), at
 M = 1, 16, 128, 2048 tokens. Kernels:
@@ -19,8 +21,8 @@ End to end: a LlamaForCausalLM of LLaMA-2-7B shape built from a config with rand
 weights (no download), fp16, in each of dense / 2:4 / W4A16 / 2:4+W4A16; decode tokens/s
 (batch 1, greedy, after a 128-token prompt) and prefill time for 2048 tokens.
 
-    python benchmarks/kernels.py [--markdown FILE]          # on a CUDA GPU
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --small --device cpu   # plumbing check only
+    python benchmarks/kernel_speed.py [--markdown FILE]          # on a CUDA GPU
+    TRITON_INTERPRET=1 python benchmarks/kernel_speed.py --small --device cpu   # plumbing check only
 """
 from __future__ import annotations
 
