@@ -14,15 +14,20 @@ from compress.nn.base import PackedLinear
 log = logging.getLogger(__name__)
 
 
-def fold_packed(model: nn.Module, dtype: torch.dtype, keep: tuple = (), why: str = "", fold: bool = True) -> list:
+def fold_packed(model: nn.Module, dtype: torch.dtype, keep: tuple = (), why: str = "", fold: bool = True,
+                experts_of: tuple = ()) -> list:
     """Replace every runtime module (PackedLinear) not of a class in `keep` by a dense
     nn.Linear of its effective weight. With fold=False such a module is an error that
-    names it and says `why` the format cannot hold it. Returns the folded names."""
+    names it and says `why` the format cannot hold it. Packed experts stay when
+    PackedExperts is kept, or when each expert module is of a class in `experts_of` or
+    dense. Returns the folded names."""
     from compress.nn import PackedExperts
 
     folded = []
     for name, m in list(model.named_modules()):
-        if isinstance(m, PackedExperts) and PackedExperts not in keep:   # the model's own fused experts again
+        stays = PackedExperts in keep or isinstance(m, PackedExperts) and all(
+            isinstance(m.expert(e, p), experts_of + (nn.Linear,)) for e in range(m.num) for p in m.projs)
+        if isinstance(m, PackedExperts) and not stays:   # the model's own fused experts again
             if not fold:
                 raise CompressError(f"export: {name} holds packed experts, which {why}; "
                                     "pass fold: true (--fold) to store their effective weights densely")

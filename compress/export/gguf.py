@@ -30,9 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from compress.errors import CompressError
+from compress.experts import Experts, Proj, fused_params, view_of
 from compress.export.fold import fold_packed
+from compress.export.gguf_arch import arch_of, metadata, rope_of
 from compress.ggml import FORMATS, GGMLSpec, format_for
 from compress.ggml_blocks import pack
 from compress.nn.ggml_linear import GGMLLinear
@@ -40,10 +43,7 @@ from compress.quantize import rtn
 
 log = logging.getLogger(__name__)
 
-# transformers model_type -> llama.cpp architecture, for the architectures tested here.
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-INTERLEAVED = ("llama",)        # llama.cpp architectures whose rotary pairs are interleaved
-KEEP_F32 = ("ffn_gate_inp",)    # routers: llama.cpp does not quantize them
+KEEP_F32 = ("ffn_gate_inp",)    # routers (and Qwen2-MoE's shared-expert gate): llama.cpp does not quantize them
 
 
 def permute_qk(W: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -58,42 +58,86 @@ def unpermute_qk(W: torch.Tensor, n_head: int) -> torch.Tensor:
     return W.reshape(n_head, rows // n_head // 2, 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
 
 
-def arch_of(model) -> str:
-    mt = getattr(model.config, "model_type", None)
-    if mt not in ARCHS:
-        raise CompressError(f"output.format: gguf export supports model_type {', '.join(sorted(ARCHS))}; this one "
-                            f"is {mt!r} (use hf or compressed-tensors)")
-    return ARCHS[mt]
+def _stacked(name: str, mods: list):
+    """One GGUF tensor of an experts projection [E, out, in]: the experts' GGMLLinear
+    bytes stacked, when all hold one format, or their effective weights when none does."""
+    fmts = {m.fmt if isinstance(m, GGMLLinear) else None for m in mods}
+    if len(fmts) > 1:
+        raise CompressError(f"output.format: gguf: the experts of {name} are in {len(fmts)} formats "
+                            f"({', '.join(sorted(f or 'dense' for f in fmts))}); a GGUF tensor holds all of them in "
+                            "one type: quantize them alike")
+    fmt = fmts.pop()
+    if fmt is not None:
+        return torch.stack([m.blocks for m in mods]), fmt
+    return torch.stack([m.weight.detach().float() if isinstance(m, nn.Linear) else m.effective_weight() for m in mods])
+
+
+def expert_tensors(model) -> tuple[dict, set]:
+    """({'<experts>.<gate_proj|up_proj|down_proj>.weight': [E, out, in] tensor or
+    (blocks, fmt)}, the state_dict prefixes they replace): transformers' fused experts,
+    dense or packed per expert, as llama.cpp's ffn_*_exps."""
+    from compress.nn import PackedExperts
+
+    out, prefixes = {}, set()
+    for name, m in model.named_modules():
+        if any(name.startswith(f"{p}.") for p in prefixes):
+            continue
+        if isinstance(m, PackedExperts):
+            layout, fused, packed = m.layout, fused_params(m.inner), {p.name: p for p in m.projs}
+            projs = [Proj("gate_up_proj", "gate_proj", 0), Proj("gate_up_proj", "up_proj", 1)] \
+                if "gate_up_proj" in m.shapes or "gate_up_proj" in fused else [Proj("up_proj", "up_proj")]
+            for p in projs + [Proj("down_proj", "down_proj")]:
+                key = f"{name}.{p.name}.weight"
+                out[key] = _stacked(key, [m.expert(e, p) for e in range(m.num)]) if p.name in packed else \
+                    view_of(fused[p.param], p, layout["transposed"], layout["concatenated"]).detach().float()
+        elif fused_params(m):
+            ex = Experts(m, name)
+            if ex.biased:
+                raise CompressError(f"output.format: gguf: {name} has expert biases, which this exporter does not "
+                                    "write; nothing was written")
+            out.update({f"{name}.{p.name}.weight": ex.weights(p).detach().float() for p in ex.projs})
+        else:
+            continue
+        prefixes.add(name)
+    return out, prefixes
 
 
 def gguf_tensors(model) -> dict:
-    """{gguf name: fp32 tensor, or (uint8 blocks, ggml type) of a GGMLLinear} of the
-    model, q / k permuted where llama.cpp's rotary needs it."""
+    """{gguf name: fp32 tensor, or (uint8 blocks, ggml type) of a GGMLLinear or of
+    stacked experts} of the model, as llama.cpp's graph for its architecture reads
+    them: q / k permuted where its rotary needs it, Gemma's norms shifted."""
     import gguf
 
-    arch = arch_of(model)
+    a = arch_of(model)
     cfg = model.config
-    tmap = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], cfg.num_hidden_layers)
-    packed = {n: m for n, m in model.named_modules() if isinstance(m, GGMLLinear)}
-    items = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in packed or k.endswith("bias")}
-    items.update({f"{n}.weight": m for n, m in packed.items()})
+    tmap = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[a.name], cfg.num_hidden_layers)
+    experts, inside = expert_tensors(model)
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, GGMLLinear)
+              and not any(n.startswith(f"{p}.") for p in inside)}
+    items = {k: v for k, v in model.state_dict().items() if not any(k.startswith(f"{p}.") for p in inside)
+             and (k.rsplit(".", 1)[0] not in packed or k.endswith("bias"))}
+    items.update({f"{n}.weight": (m.blocks, m.fmt) for n, m in packed.items()})
+    items.update(experts)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+    head_keys = {f"{n}.weight" for n, m in model.named_modules() if m is head} if tied else set()
     out, unknown = {}, []
     for key, v in items.items():
+        if key in head_keys:
+            continue                              # llama.cpp reuses token_embd
         name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             unknown.append(key)
             continue
-        if tied and name == "output.weight":
-            continue
-        t = (v.blocks, v.fmt) if isinstance(v, GGMLLinear) else v.detach().float()
-        if arch in INTERLEAVED and name.split(".")[-2] in ("attn_q", "attn_k"):
+        t = v if isinstance(v, tuple) else v.detach().float()
+        if a.norm_shift and key.endswith("norm.weight"):
+            t = t + a.norm_shift
+        if a.interleaved and name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = cfg.num_attention_heads if name.split(".")[-2] == "attn_q" else cfg.num_key_value_heads
             t = (permute_qk(t[0], heads), t[1]) if isinstance(t, tuple) else permute_qk(t, heads)
         out[name] = t
     if unknown:
-        raise CompressError(f"output.format: gguf: {len(unknown)} tensors have no llama.cpp name for {arch} "
+        raise CompressError(f"output.format: gguf: {len(unknown)} tensors have no llama.cpp name for {a.name} "
                             f"({', '.join(unknown[:3])}); nothing was written")
     return out
 
@@ -133,7 +177,8 @@ def _metadata(writer, model, qtype) -> None:
 
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
+    full, _ = rope_of(c)
+    rot = int(head_dim * full.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0)))
     writer.add_name(getattr(c, "_name_or_path", "") or "model")
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -142,12 +187,12 @@ def _metadata(writer, model, qtype) -> None:
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_freq_base(float(rope))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(full.get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(rot)
     writer.add_vocab_size(c.vocab_size)
-    if head_dim != c.hidden_size // c.num_attention_heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    metadata(writer, c, arch_of(model))
     ftype = {"F16": "F16", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}.get(qtype, qtype)
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{ftype}"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -180,8 +225,8 @@ def encode(name: str, W, qtype: str):
 def write(model, tokenizer, folder: Path, cfg) -> dict:
     import gguf
 
-    arch = arch_of(model)
-    fold_packed(model, torch.float32, keep=(GGMLLinear,), fold=cfg.fold,
+    arch = arch_of(model).name
+    fold_packed(model, torch.float32, keep=(GGMLLinear,), experts_of=(GGMLLinear,), fold=cfg.fold,
                 why="GGUF cannot hold as it is (it has its own block formats: quantize with a gguf format)")
     tensors = gguf_tensors(model)
     dense = [W for k, W in tensors.items() if k.startswith("blk.") and not isinstance(W, tuple) and W.dim() == 2]
