@@ -23,6 +23,10 @@ min) come from a search over candidate code assignments, each refitted by weight
 least squares (weights x^2 for symmetric grids, rms(x) + |x| for the others); then a
 K block rounds its sub-block scales and mins to 6 bits against the block's largest.
 Without `search` the scale is the plain extreme, as ggml's Q4_0 / Q8_0 references do.
+GPTQ replaces those weights by each input's H_jj = mean x_j^2 over the calibration
+tokens: the error of a block's scale costs sum_j H_jj (w_j - w_hat_j)^2 in the layer's
+output (the diagonal of GPTQ's objective tr((W - W_hat) H (W - W_hat)^T)), the same
+diagonal that llama.cpp's importance matrix (imatrix) estimates.
 
 Pruned weights (keep False) are not data: they get weight 0. A symmetric grid stores
 0 exactly (u = z). Q4_K / Q5_K blocks that hold pruned weights use a zero-exact layout
@@ -83,14 +87,17 @@ class GGMLSpec:
     def n_groups(self, d_in: int) -> int:
         return d_in // self.group_size
 
-    def fit_raw(self, wg: torch.Tensor, kg: torch.Tensor):
+    def fit_raw(self, wg: torch.Tensor, kg: torch.Tensor, imp: Optional[torch.Tensor] = None):
         """wg, kg [..., out, G, sub] (G groups of a row) -> scale, zero [..., out, G] and
-        the stored parameters {name: [..., out, blocks(, groups)]}."""
+        the stored parameters {name: [..., out, blocks(, groups)]}. imp [..., 1, G, sub]:
+        each input's weight in the search's least squares (GPTQ's H_jj), replacing
+        ggml's weights that come from w alone; None: ggml's."""
         n = self.block // self.group_size
         lead = wg.shape[:-2]
         x = wg.reshape(-1, n, self.group_size).float()
         keep = kg.reshape(x.shape)
-        s, z, raw = fit_blocks(torch.where(keep, x, torch.zeros_like(x)), keep, self)
+        weights = None if imp is None else imp.float().expand(wg.shape).reshape(x.shape)
+        s, z, raw = fit_blocks(torch.where(keep, x, torch.zeros_like(x)), keep, self, weights)
         nb = wg.shape[-2] // n
         raw = {k: v.reshape(*lead, nb, *v.shape[1:]) for k, v in raw.items()}
         return s.reshape(*lead, -1), z.reshape(*lead, -1), raw
@@ -116,10 +123,12 @@ def fp16(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(-65504.0, 65504.0).to(torch.float16).float()
 
 
-def _sym(x: torch.Tensor, keep: torch.Tensor, h: int, search: bool, positive: bool) -> torch.Tensor:
+def _sym(x: torch.Tensor, keep: torch.Tensor, h: int, search: bool, positive: bool,
+         weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Scale of each group of x [..., k] on codes -h .. h-1: the extreme (signed, onto -h,
     as Q4_0; or max |x| onto h - 1 if `positive`, as Q8_0), or with `search` the best
-    least-squares refit (weights x^2) over 19 nearby candidate scales. 0 for an empty group."""
+    least-squares refit (weights x^2, or `weights`) over 19 nearby candidate scales. 0 for
+    an empty group."""
     amax, i = x.abs().max(-1)
     ext = amax if positive else x.gather(-1, i[..., None]).squeeze(-1)
     ok = amax > 0
@@ -127,7 +136,7 @@ def _sym(x: torch.Tensor, keep: torch.Tensor, h: int, search: bool, positive: bo
     base = (h - 1 if positive else -h) / ref                     # iscale
     if not search:
         return torch.where(ok, 1 / base, torch.zeros_like(base))
-    w = x * x * keep
+    w = (x * x if weights is None else weights) * keep
     best_num, best_den = torch.zeros_like(amax), torch.ones_like(amax)
     best = torch.where(ok, 1 / base, torch.zeros_like(base))
     for t in [0.0] + [0.1 * i for i in range(-9, 10) if i]:
@@ -140,10 +149,10 @@ def _sym(x: torch.Tensor, keep: torch.Tensor, h: int, search: bool, positive: bo
     return torch.where(ok, best, torch.zeros_like(best))
 
 
-def _asym(x: torch.Tensor, keep: torch.Tensor, qmax: int, search: bool):
+def _asym(x: torch.Tensor, keep: torch.Tensor, qmax: int, search: bool, weights: Optional[torch.Tensor] = None):
     """(scale, min) of each group of x [..., k], min <= 0, on codes 0 .. qmax: the range,
     or with `search` the best weighted least-squares refit over 21 candidate scales
-    (weights rms(x) + |x|, ggml's make_qkx2_quants)."""
+    (weights rms(x) + |x|, ggml's make_qkx2_quants, or `weights`)."""
     lo, hi = x.amin(-1).clamp(max=0), x.amax(-1)
     span = hi - lo
     ok = span > 0
@@ -152,7 +161,7 @@ def _asym(x: torch.Tensor, keep: torch.Tensor, qmax: int, search: bool):
     if not search:
         return scale, mn
     cnt = keep.sum(-1).clamp_min(1)
-    w = ((x * x).sum(-1, keepdim=True) / cnt[..., None]).sqrt() + x.abs()
+    w = ((x * x).sum(-1, keepdim=True) / cnt[..., None]).sqrt() + x.abs() if weights is None else weights
     w = w * keep
 
     def error(sc, m, lv):
@@ -184,13 +193,14 @@ def _six_bit(v: torch.Tensor) -> torch.Tensor:
     return fp16(vmax / 63), torch.round(inv[..., None] * v).clamp(0, 63)
 
 
-def fit_blocks(x: torch.Tensor, keep: torch.Tensor, spec: GGMLSpec):
-    """x, keep [N, n, sub]: N blocks of n groups (pruned weights already 0). Returns the
-    groups' scale, zero [N, n] and the stored parameters (fp16 values as fp32, integer
-    sub-block scales as fp32)."""
+def fit_blocks(x: torch.Tensor, keep: torch.Tensor, spec: GGMLSpec, weights: Optional[torch.Tensor] = None):
+    """x, keep [N, n, sub]: N blocks of n groups (pruned weights already 0); weights
+    [N, n, sub] for the search's least squares, or None for ggml's. Returns the groups'
+    scale, zero [N, n] and the stored parameters (fp16 values as fp32, integer sub-block
+    scales as fp32)."""
     h, search = 1 << (spec.bits - 1), spec.clip_search
     if spec.fmt == "q6_k":
-        sg = _sym(x, keep, h, search, positive=False)                            # [N, 16] signed
+        sg = _sym(x, keep, h, search, positive=False, weights=weights)                            # [N, 16] signed
         ms = sg.gather(-1, sg.abs().argmax(-1, keepdim=True)).squeeze(-1)
         iscale = torch.where(ms != 0, -128 / torch.where(ms != 0, ms, torch.ones_like(ms)), torch.zeros_like(ms))
         d = fp16(torch.where(ms != 0, 1 / torch.where(iscale != 0, iscale, torch.ones_like(iscale)), 0.0))
@@ -199,16 +209,16 @@ def fit_blocks(x: torch.Tensor, keep: torch.Tensor, spec: GGMLSpec):
         return s, torch.full_like(s, float(h)), {"d": d, "sc": sc}
     if spec.block == 32:                                                         # one group per block
         if spec.kind == "sym":
-            d = fp16(_sym(x, keep, h, search, positive=spec.fmt == "q8_0"))
+            d = fp16(_sym(x, keep, h, search, positive=spec.fmt == "q8_0", weights=weights))
             return d, torch.full_like(d, float(h)), {"d": d[..., 0]}
-        sc, mn = _asym(x, keep, spec.qmax, search)
+        sc, mn = _asym(x, keep, spec.qmax, search, weights)
         d, m = fp16(sc), fp16(mn)
         return d, -m, {"d": d[..., 0], "m": m[..., 0]}
     # Q4_K / Q5_K: dense blocks take the asymmetric fit, blocks with pruned weights the zero-exact one.
-    sc, mn = _asym(x, keep, spec.qmax, search)
+    sc, mn = _asym(x, keep, spec.qmax, search, weights)
     d, sc6 = _six_bit(sc)
     dmin, m6 = _six_bit(-mn)
-    d0, sc0 = _six_bit(_sym(x, keep, h, search, positive=True))
+    d0, sc0 = _six_bit(_sym(x, keep, h, search, positive=True, weights=weights))
     sparse = ~keep.all(-1).all(-1)                                               # [N]
     d, sc6 = torch.where(sparse, d0, d), torch.where(sparse[:, None], sc0, sc6)
     dmin, m6 = torch.where(sparse, d0 * h, dmin), torch.where(sparse[:, None], sc0, m6)

@@ -59,8 +59,10 @@ class QuantSpec:
         return (d_in + g - 1) // g
 
     # The grid interface RTN, GPTQ and QuantResult use (compress.ggml.GGMLSpec has it too).
-    def fit_raw(self, wg: torch.Tensor, kg: torch.Tensor):
-        """Scale and zero [..., G] of grouped weights wg, kg [..., G, g]; no stored extras."""
+    def fit_raw(self, wg: torch.Tensor, kg: torch.Tensor, imp: Optional[torch.Tensor] = None):
+        """Scale and zero [..., G] of grouped weights wg, kg [..., G, g]; no stored extras.
+        The integer grid's clip search weighs every input alike: imp must be None."""
+        assert imp is None, "QuantSpec's clip search takes no input weights"
         return (*fit(wg, kg, self), None)
 
     def quantize(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,7 @@ ALL_KEYS = {"model", "dtype", "calib", "passes", "runner", "eval", "output", "so
             "path", "field", "data_dir", "split", "batch_size", "true_sequential", "device", "compute_dtype",
             "dataset", "max_windows", "compare", "dir", "format", "fold", "sparse_format", "gguf_type", "sparsity",
             "pattern", "scope", "targets", "ignore", "bits", "group_size", "symmetric", "method", "act_order",
-            "static_groups", "percdamp", "blocksize", "clip", "true_sequential", "mse", "damp"}
+            "static_groups", "percdamp", "blocksize", "clip", "true_sequential", "mse", "damp", "hessian_fit"}
 
 
 def _get(d, path):
