@@ -128,8 +128,9 @@ def deploy(model: nn.Module, device=None, dtype: Optional[torch.dtype] = None) -
               for name, mod in list(model.named_modules()) if isinstance(mod, PackedLinear)}
     if device.type == "cuda":                         # sparse tensor cores for plain 2:4 linears
         for name in sparse24_candidates(model):
-            model.set_submodule(name, SparseLinear(model.get_submodule(name)))
-            chosen[name] = SparseLinear.kernel
+            fast = SparseLinear(model.get_submodule(name))
+            model.set_submodule(name, fast)
+            chosen[name] = fast.kernel
     for (cls, kernel), n in sorted(Counter((type(model.get_submodule(k)).__name__, v)
                                            for k, v in chosen.items()).items()):
         log.info("deploy on %s: %d %s -> %s", device, n, cls, kernel)

@@ -17,6 +17,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `pytest -m cuda` tests take the `cuda_device` fixture. Without a GPU they skip, unless
+# COMPRESS_REHEARSE_CUDA=1: then those that can run on the CPU (Triton in its interpreter,
+# at `rehearsal` sizes) do, so that a GPU check's test code is debugged before device time
+# is spent on it (benchmarks/gpu_check.sh --dry-run).
+REHEARSE_CUDA = os.environ.get("COMPRESS_REHEARSE_CUDA") == "1" and not torch.cuda.is_available()
+
 TINY_VOCAB = 320  # 256 byte tokens + 3 specials + merges
 
 _TRAINING_LINES = [
@@ -75,6 +81,22 @@ def tiny_llama(tiny_tokenizer):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     return model.eval()
+
+
+@pytest.fixture
+def cuda_device() -> torch.device:
+    """The GPU for a `cuda`-marked test; the CPU in a rehearsal; else the test skips."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if REHEARSE_CUDA:
+        return torch.device("cpu")
+    pytest.skip("needs a CUDA GPU (benchmarks/gpu_check.sh runs these on one)")
+
+
+@pytest.fixture
+def rehearsal() -> bool:
+    """True when `cuda`-marked tests run on the CPU at small sizes (see REHEARSE_CUDA)."""
+    return REHEARSE_CUDA
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Kernels (compress/kernels) against their plain-torch meaning (reference.py).
 
 On CPU the Triton kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1)
-at small sizes; the sparse tensor-core path needs CUDA and skips without it.
+at small sizes. The checks that need a GPU (the sparse tensor cores, Llama-3-8B shapes)
+are in test_cuda_kernels.py, run by `pytest -m cuda`.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from compress.packing import pack_bits
 from compress.quantize import QuantSpec, rtn
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (sparse tensor cores)")
 DEV = "cuda" if CUDA else "cpu"
 
 
@@ -208,11 +208,18 @@ def test_triton_odd_shapes_and_bf16_match_reference(M, N, sparse, dtype, bf16_do
 
 def test_launch_shapes():
     _need_triton()
-    from compress.kernels.gemm import launch_shape, step_for
-    cpu = torch.device("cpu")
-    assert launch_shape(1, 4096, 4096, 128, cpu) == {"BM": 16, "BN": 32, "BK": 128, "SPLIT_K": 1}   # 128 programs
-    assert launch_shape(1, 64, 4096, 128, cpu)["SPLIT_K"] == 2          # too few column tiles: split K
-    assert launch_shape(2048, 4096, 4096, 128, cpu) == {"BM": 128, "BN": 128, "BK": 64, "SPLIT_K": 1}
+    from compress.kernels.gemm import DECODE, PREFILL, launch_shape, step_for
+    cpu = torch.device("cpu")                        # a CPU "device" counts as 1 multiprocessor
+    one = launch_shape(1, 4096, 4096, 128, cpu)     # decode: 16 rows; enough column tiles: no split
+    assert one["BM"] == 16 and one["BN"] == DECODE["BN"] and one["SPLIT_K"] == 1
+    assert one["BK"] == DECODE["BK"] and one["num_warps"] == DECODE["num_warps"] and "per_sm" not in one
+    few = launch_shape(1, DECODE["BN"], 4096, 128, cpu)          # one column tile: split K over the programs
+    assert few["SPLIT_K"] == min(DECODE["per_sm"], 4096 // few["BK"])
+    assert launch_shape(2048, 4096, 4096, 128, cpu) == {**PREFILL, "BK": step_for(128, PREFILL["BK"]), "SPLIT_K": 1}
+    assert launch_shape(2048, 4096, 4096, 48, cpu)["BK"] == 16     # a K-step never crosses a group
+    tuned = {"BN": 64, "BK": 64, "per_sm": 8, "num_warps": 2, "num_stages": 3}
+    assert launch_shape(1, 64, 4096, 128, cpu, tuned) == {"BM": 16, "BN": 64, "BK": 64, "SPLIT_K": 8,
+                                                          "num_warps": 2, "num_stages": 3}
     assert step_for(48, 128) == 16 and step_for(128, 64) == 64
     with pytest.raises(ValueError, match="multiple of 16"):
         step_for(40, 64)
@@ -335,29 +342,3 @@ def test_sparse24_candidates_without_linears_or_blocks():
     holder = torch.nn.Module()                                          # a bare list of blocks (benchmarks)
     holder.blocks = torch.nn.ModuleList(flat)
     assert sparse24_candidates(holder, accepts=_layout_24) == ["blocks.0", "blocks.1"]
-
-
-# ----------------------------------------------------------------------------- CUDA only
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_sparse24_tensor_cores_match_reference(dtype):
-    from compress.nn.sparse_linear import SparseLinear
-    W = torch.randn(256, 512)
-    W = (W * nm_mask(W.abs(), 2, 4)).to("cuda", dtype)
-    lin = torch.nn.Linear(512, 256, bias=True, device="cuda", dtype=dtype)
-    lin.weight.data.copy_(W)
-    sl = SparseLinear(lin)
-    for M in (1, 16, 128):
-        x = torch.randn(M, 512, device="cuda", dtype=dtype)
-        assert rel(sl(x).cpu(), R.sparse24_matmul(x.float().cpu(), W.float().cpu(), lin.bias.float().cpu())) < 1e-2
-
-
-@needs_cuda
-def test_deploy_on_cuda_swaps_in_fast_modules(tiny_llama, tmp_path):
-    out, ids = _saved_24w4(tiny_llama, tmp_path)
-    plain, _ = compress.load(str(out))
-    model, _ = compress.load(str(out), device="cuda")
-    assert {m.kernel for m in model.modules() if isinstance(m, SparseQuantLinear)} == {"triton-2:4+wNa16"}
-    with torch.no_grad():
-        assert rel(model(ids.cuda()).logits.float().cpu(), plain(ids).logits) < 2e-2

@@ -30,7 +30,7 @@ from compress.kernels.tiles import dequant_tile, sparse_tile
 def _gemm_kernel(x_ptr, qw_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, P_WORDS,
                  stride_xm, stride_qn, stride_pn, stride_sn, stride_zn, stride_ym,
                  GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, SPARSE: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                 SPLIT_K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ATOMIC: tl.constexpr,
                  PRECISION: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -49,7 +49,7 @@ def _gemm_kernel(x_ptr, qw_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, P_WORDS,
         acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
     out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     inside = (rm < M)[:, None] & (rn < N)[None, :]
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=inside)
     else:
         tl.atomic_add(out, acc, mask=inside)
@@ -70,22 +70,34 @@ def step_for(group: int, want: int) -> int:
     return bk
 
 
-def launch_shape(M: int, N: int, K: int, group: int, device: torch.device) -> dict:
-    """Tile sizes and split-K for an [M, K] x [K, N] problem (see the module docstring)."""
+# Launch shapes per path, tuned by `benchmarks/kernel_speed.py --tune` (a sweep over
+# tiles, warps and pipeline depth at Llama-3-8B layer shapes); the winners by geometric
+# mean over the three shapes are recorded here. `per_sm`: programs per multiprocessor the
+# decode path's split-K aims at. Until a GPU run tunes them, these are the hand-picked ones.
+DECODE = {"BN": 32, "BK": 128, "per_sm": 4, "num_warps": 4, "num_stages": 2}
+PREFILL_64 = {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3}      # 16 < M <= 64
+PREFILL = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3}        # M > 64
+
+
+def launch_shape(M: int, N: int, K: int, group: int, device: torch.device, tuned: Optional[dict] = None) -> dict:
+    """Tile sizes, split-K, warps and stages for an [M, K] x [K, N] problem (see the module
+    docstring); `tuned` replaces the recorded table's entry for M's path (for the sweep)."""
+    base = dict(tuned or (DECODE if M <= 16 else PREFILL_64 if M <= 64 else PREFILL))
+    bk = step_for(group, base.pop("BK"))
     if M <= 16:
-        bm, bn, bk = 16, 32, step_for(group, 128)
-        programs = torch.cuda.get_device_properties(device).multi_processor_count * 4 \
-            if device.type == "cuda" else 4
-        split = max(1, min(triton.cdiv(K, bk), programs // triton.cdiv(N, bn)))
-    else:
-        bm, bn, bk, split = (64 if M <= 64 else 128), 128, step_for(group, 64), 1
-    return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split}
+        per_sm = base.pop("per_sm")
+        programs = torch.cuda.get_device_properties(device).multi_processor_count * per_sm \
+            if device.type == "cuda" else per_sm
+        split = max(1, min(triton.cdiv(K, bk), programs // triton.cdiv(N, base["BN"])))
+        return {"BM": 16, "BK": bk, "SPLIT_K": split, **base}
+    return {"BK": bk, "SPLIT_K": 1, **base}
 
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, pattern: Optional[torch.Tensor], scales: torch.Tensor,
            qzeros: Optional[torch.Tensor], bits: int, group_size: Optional[int],
-           bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """y [..., N] = x [..., K] W_hat^T; 2:4 storage when `pattern` is given."""
+           bias: Optional[torch.Tensor], tuned: Optional[dict] = None) -> torch.Tensor:
+    """y [..., N] = x [..., K] W_hat^T; 2:4 storage when `pattern` is given; `tuned`
+    overrides the launch shape (launch_shape)."""
     if bits not in (2, 4, 8):
         raise ValueError(f"bits must be 2, 4 or 8 (codes must not straddle words), got {bits}")
     K = x.shape[-1]
@@ -93,7 +105,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, pattern: Optional[torch.Tenso
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     group = K if group_size is None else group_size
-    cfg = launch_shape(M, N, K, group, x.device)
+    cfg = launch_shape(M, N, K, group, x.device, tuned)
     split = cfg["SPLIT_K"] > 1
     y = (torch.zeros if split else torch.empty)(M, N, device=x.device, dtype=torch.float32 if split else x.dtype)
     z = qzeros if qzeros is not None else qweight                         # unused when symmetric
@@ -101,8 +113,8 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, pattern: Optional[torch.Tenso
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]), cfg["SPLIT_K"])
     _gemm_kernel[grid](x2, qweight, p, scales, z, y, M, N, K, p.shape[1],
                        x2.stride(0), qweight.stride(0), p.stride(0), scales.stride(0), z.stride(0), y.stride(0),
-                       GROUP=group, BITS=bits, SYM=qzeros is None, SPARSE=pattern is not None,
-                       PRECISION=precision(x.dtype), **cfg)
+                       SPLIT_K=cfg.pop("SPLIT_K"), GROUP=group, BITS=bits, SYM=qzeros is None,
+                       SPARSE=pattern is not None, ATOMIC=split, PRECISION=precision(x.dtype), **cfg)
     y = y.to(x.dtype)
     if bias is not None:
         y += bias.to(x.dtype)

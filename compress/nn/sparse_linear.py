@@ -12,12 +12,14 @@ from compress.kernels.sparse24 import compress_weight, sparse24_matmul
 
 
 class SparseLinear(nn.Module):
-    kernel = "cusparselt-2:4"
+    kernel = "2:4"      # the instance's: "cusparselt-2:4" or "cutlass-2:4", whichever torch chose
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(compress_weight(linear.weight), requires_grad=False)
+        W = compress_weight(linear.weight)
+        self.kernel = ("cutlass" if "CUTLASS" in type(W).__name__ else "cusparselt") + "-2:4"
+        self.weight = nn.Parameter(W, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
