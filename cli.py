@@ -132,7 +132,8 @@ def cmd_passes(args) -> int:
         print(f"{name}: {' '.join(doc.split())}")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            print(f"    {f.name} = {default!r}")
+            means = f"   ({f.metadata['means']})" if "means" in f.metadata else ""
+            print(f"    {f.name} = {default!r}{means}")
     return 0
 
 

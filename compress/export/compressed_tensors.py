@@ -20,6 +20,17 @@ place (any model; the only sparse form vLLM and transformers still read). With
     m.shape       int64 [2, 1]
 
 which only compressed-tensors <= 0.14 (and vLLM releases of that time) read.
+
+Floating-point layers (FPLinear, compress.fp_formats) are written in the library's own
+layouts, which FPLinear already keeps:
+
+    nvfp4-pack-quantized  weight_packed uint8 [out, in/2] (two E2M1 codes, low nibble first),
+                          weight_scale float8_e4m3fn [out, in/16], weight_global_scale fp32 [1]
+                          W = E2M1[u] * (weight_scale / weight_global_scale)
+    mxfp4-pack-quantized  weight_packed as nvfp4, weight_scale uint8 [out, in/32] = 127 + e
+                          W = E2M1[u] * 2^e
+    float-quantized       weight float8_e4m3fn [out, in], weight_scale fp32 [out, 1]
+                          W = weight * weight_scale
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ from compress.experts import published_names
 from compress.export.fold import fold_packed
 from compress.masks import follows_nm
 from compress.models import block_linears, find_blocks, get_weight
+from compress.nn.fp_linear import FPLinear
 from compress.nn.quant_linear import QuantLinear
 from compress.nn.sparse_quant_linear import pattern_of, positions_of
 from compress.packing import pack_bits
@@ -78,6 +90,38 @@ def pack_quantized(m: QuantLinear) -> dict:
     return t
 
 
+# FPLinear format -> (compressed-tensors format, its weights' QuantizationArgs, as the
+# library's presets NVFP4A16 / MXFP4A16 and a per-channel FP8 W8A16 write them)
+FP_SCHEMES = {
+    "nvfp4": ("nvfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
+                                       "symmetric": True, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}),
+    "mxfp4": ("mxfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32,
+                                       "symmetric": True, "dynamic": False, "scale_dtype": "torch.uint8"}),
+    "fp8": ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "channel", "group_size": None,
+                                "symmetric": True, "dynamic": False}),
+}
+
+
+def fp_tensors(m: FPLinear) -> dict:
+    """The tensors of one FPLinear under the format's names (see the module docstring)."""
+    if m.fmt == "fp8":
+        return {"weight": m.qweight.view(torch.float8_e4m3fn).clone(), "weight_scale": m.scales.clone()}
+    t = {"weight_packed": m.qweight.clone(),
+         "weight_scale": m.scales.view(torch.float8_e4m3fn).clone() if m.fmt == "nvfp4" else m.scales.clone()}
+    if m.fmt == "nvfp4":
+        t["weight_global_scale"] = m.global_scale.clone()
+    return t
+
+
+def _scheme(m) -> tuple:
+    """(format, weights args) of a quantized layer."""
+    if isinstance(m, FPLinear):
+        return FP_SCHEMES[m.fmt]
+    gs = m.spec.group_size
+    return "pack-quantized", {"dynamic": False, "group_size": gs, "num_bits": m.spec.bits,
+                              "strategy": "group" if gs else "channel", "symmetric": m.spec.symmetric, "type": "int"}
+
+
 def bitmask_24(W: torch.Tensor) -> dict:
     """sparse-24-bitmask tensors of a 2:4 weight W [out, in]: exactly two kept slots per
     four (a group with more zeros keeps zero-valued slots, first ones first)."""
@@ -92,19 +136,21 @@ def bitmask_24(W: torch.Tensor) -> dict:
 
 
 def _quant_config(quant: dict, plain: list) -> dict:
-    """config_groups: one group per distinct (bits, group size, symmetric); a single group
-    targets the class Linear and ignores the unquantized linears by name."""
+    """config_groups: one group per distinct scheme; a single group targets the class
+    Linear and ignores the unquantized linears by name; several formats make the
+    checkpoint's format "mixed-precision", each group naming its own."""
     specs: dict = {}
     for name, m in quant.items():
-        specs.setdefault((m.spec.bits, m.spec.group_size, m.spec.symmetric), []).append(name)
+        fmt, weights = _scheme(m)
+        specs.setdefault(json.dumps([fmt, weights], sort_keys=True), []).append(name)
     groups = {}
-    for i, ((bits, gs, sym), names) in enumerate(sorted(specs.items(), key=lambda kv: str(kv[0]))):
-        weights = {"dynamic": False, "group_size": gs, "num_bits": bits, "strategy": "group" if gs else "channel",
-                   "symmetric": sym, "type": "int"}
-        groups[f"group_{i}"] = {"format": "pack-quantized", "input_activations": None, "output_activations": None,
+    for i, (key, names) in enumerate(sorted(specs.items())):
+        fmt, weights = json.loads(key)
+        groups[f"group_{i}"] = {"format": fmt, "input_activations": None, "output_activations": None,
                                 "targets": ["Linear"] if len(specs) == 1 else names, "weights": weights}
-    return {"config_groups": groups, "format": "pack-quantized", "global_compression_ratio": None,
-            "ignore": plain, "kv_cache_scheme": None,
+    formats = {g["format"] for g in groups.values()}
+    return {"config_groups": groups, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "global_compression_ratio": None, "ignore": plain, "kv_cache_scheme": None,
             "moe_sparsity_config": None, "quantization_status": "compressed", "transform_config": {}}
 
 
@@ -144,12 +190,13 @@ def unfuse_experts(model) -> int:
 def write(model, tokenizer, folder: Path, cfg) -> dict:
     dtype = getattr(torch, cfg.dtype)
     unfuse_experts(model)
-    fold_packed(model, dtype, keep=(QuantLinear,), fold=cfg.fold,
-                why="compressed-tensors has no format for (only group / channel int quantization and sparsity)")
+    fold_packed(model, dtype, keep=(QuantLinear, FPLinear), fold=cfg.fold,
+                why="compressed-tensors has no format for (only group / channel int quantization, NVFP4, MXFP4, "
+                    "FP8 and sparsity)")
     prefix, blocks = find_blocks(model)
     layers = {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in b.named_modules()
-              if n and (isinstance(m, QuantLinear) or n in block_linears(b))}
-    conv = next((n for n, m in layers.items() if not isinstance(m, (nn.Linear, QuantLinear))), None)
+              if n and (isinstance(m, (QuantLinear, FPLinear)) or n in block_linears(b))}
+    conv = next((n for n, m in layers.items() if not isinstance(m, (nn.Linear, QuantLinear, FPLinear))), None)
     if conv:
         raise CompressError(f"export: {conv} is a {type(layers[conv]).__name__}, not nn.Linear; compressed-tensors "
                             "targets Linear modules (GPT-2's Conv1D is not one): use format hf or gguf")
@@ -160,8 +207,8 @@ def write(model, tokenizer, folder: Path, cfg) -> dict:
         if why:
             layers[name] = m.to_linear(dtype)
             model.set_submodule(name, layers[name])
-    quant = {n: m for n, m in layers.items() if isinstance(m, QuantLinear)}
-    if cfg.dtype != "float16" and quant:
+    quant = {n: m for n, m in layers.items() if isinstance(m, (QuantLinear, FPLinear))}
+    if cfg.dtype != "float16" and any(isinstance(m, QuantLinear) for m in quant.values()):
         log.warning("export: scales stay fp16 (as stored); dense tensors are %s", cfg.dtype)
     weights = {n: (m.effective_weight() if n in quant else get_weight(m)).detach().float() for n, m in layers.items()}
     bitmask = cfg.sparse_format == "bitmask"
@@ -173,7 +220,7 @@ def write(model, tokenizer, folder: Path, cfg) -> dict:
     model.to(dtype)
     for name, m in layers.items():
         if name in quant:
-            model.set_submodule(name, _Stored(pack_quantized(m), m.bias))
+            model.set_submodule(name, _Stored(fp_tensors(m) if isinstance(m, FPLinear) else pack_quantized(m), m.bias))
         elif bitmask and name not in sparsity["ignore"]:
             model.set_submodule(name, _Stored(bitmask_24(get_weight(m).detach()), m.bias))
     if hasattr(model.config, "compress"):

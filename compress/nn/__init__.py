@@ -9,7 +9,9 @@ from typing import Optional
 import torch
 
 from compress.nn.armor_linear import ArmorLinear, ArmorResult
+from compress.fp_formats import FPSpec
 from compress.nn.base import RUNTIME, PackedLinear
+from compress.nn.fp_linear import FPLinear
 from compress.nn.ggml_linear import GGMLLinear
 from compress.nn.gqsa_linear import GQSALinear, GroupSparseResult
 from compress.nn.packed_experts import PackedExperts
@@ -17,15 +19,18 @@ from compress.nn.quant_linear import QuantLinear
 from compress.nn.sparse_quant_linear import SparseQuantLinear
 from compress.quantize import QuantResult
 
-__all__ = ["RUNTIME", "ArmorLinear", "GGMLLinear", "GQSALinear", "PackedExperts", "PackedLinear", "QuantLinear",
+__all__ = ["RUNTIME", "ArmorLinear", "FPLinear", "GGMLLinear", "GQSALinear", "PackedExperts", "PackedLinear", "QuantLinear",
            "SparseQuantLinear", "empty_module", "module_for", "runtime_modules"]
 
 
 def module_for(result, bias: Optional[torch.Tensor] = None) -> PackedLinear:
     """The runtime module that stores a packing pass's result (with the layer's bias).
     An exact 2:4 quantized weight with contiguous groups keeps only its kept half
-    (SparseQuantLinear); a weight on a llama.cpp grid keeps that format's bytes."""
-    if isinstance(result, QuantResult) and result.raw is not None:
+    (SparseQuantLinear); a weight on a llama.cpp grid keeps that format's bytes; one in
+    a floating-point format (NVFP4, MXFP4, FP8) its codes and scales (FPLinear)."""
+    if isinstance(result, QuantResult) and isinstance(result.spec, FPSpec):
+        cls = FPLinear
+    elif isinstance(result, QuantResult) and result.raw is not None:
         cls = GGMLLinear
     elif isinstance(result, QuantResult):
         cls = SparseQuantLinear if result.sparse24 and result.g_idx is None else QuantLinear

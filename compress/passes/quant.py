@@ -26,12 +26,14 @@ so an N:M pattern survives exactly. Scales and zero points are fitted on kept we
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 
 from compress.errors import CompressError
+from compress.fp_formats import FORMATS as FP_GRIDS
+from compress.fp_formats import FPSpec
 from compress.ggml import FALLBACK, FORMATS, ZERO_EXACT, GGMLSpec, format_for
 from compress.linalg import handle_dead_inputs, inverse_cholesky, sub_blocks
 from compress.masks import follows_nm
@@ -39,6 +41,7 @@ from compress.passes.base import Layer, PassConfig, register, second_order_cost
 from compress.quantize import QuantResult, QuantSpec, column_groups, fit, grouped, rtn
 
 GGUF_FORMATS = tuple(f"gguf-{f}" for f in FORMATS)
+FP_FORMATS = tuple(FP_GRIDS)
 
 
 @dataclass
@@ -57,6 +60,10 @@ class QuantConfig(PassConfig):
                 bits and groups, GPTQ optimizes on its grid and the GGUF exporter writes
                 its codes as they are. Rows that are not whole 256-weight super-blocks get
                 llama.cpp's fallback (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0), noted per layer.
+                Or a floating-point format, nvfp4 | mxfp4 | fp8 (compress.fp_formats): E2M1
+                in groups of 16 with E4M3 scales under a global scale, E2M1 in groups of 32
+                with power-of-two scales, or E4M3 per output row; exported as vLLM loads them.
+                group_size and symmetric default to the format's (int: 128, asymmetric).
     The defaults (act_order, static groups, MSE clipping) measured best on SmolLM2 at
     3 bits g64: 55.6 perplexity with act_order + clipping against 91.0 for plain GPTQ
     and 94.9 for RTN (benchmarks/RESULTS.md).
@@ -67,8 +74,10 @@ class QuantConfig(PassConfig):
     blocksize, percdamp  GPTQ's lazy-update block and damping fraction"""
 
     bits: int = 4
-    group_size: Union[int, str] = 128
-    symmetric: bool = False
+    group_size: Union[int, str, None] = field(default=None, metadata={
+        "means": "the format's: 128 on int grids, 16 nvfp4, 32 mxfp4, channel fp8"})
+    symmetric: Optional[bool] = field(default=None, metadata={
+        "means": "the format's: false on int grids, true on the floating-point ones"})
     method: str = "gptq"
     act_order: bool = True
     static_groups: bool = True
@@ -98,11 +107,13 @@ class QuantConfig(PassConfig):
 
         if not integer(self.bits) or not 2 <= self.bits <= 8:
             raise CompressError(f"{n}.bits: expected an integer from 2 to 8, got {self.bits!r}")
-        if self.group_size != "channel" and not (integer(self.group_size) and self.group_size >= 1):
+        if self.group_size not in ("channel", None) and not (integer(self.group_size) and self.group_size >= 1):
             raise CompressError(f"{n}.group_size: expected a positive integer or 'channel', got {self.group_size!r}")
         if self.method not in ("rtn", "gptq"):
             raise CompressError(f"{n}.method: expected 'rtn' or 'gptq', got {self.method!r}")
-        for key in ("symmetric", "act_order", "static_groups", "clip_search", "hessian_fit"):
+        if self.symmetric is not None and not isinstance(self.symmetric, bool):
+            raise CompressError(f"{n}.symmetric: expected true or false, got {self.symmetric!r}")
+        for key in ("act_order", "static_groups", "clip_search", "hessian_fit"):
             if not isinstance(getattr(self, key), bool):
                 raise CompressError(f"{n}.{key}: expected true or false, got {getattr(self, key)!r}")
         if not integer(self.blocksize) or self.blocksize < 1:
@@ -113,16 +124,36 @@ class QuantConfig(PassConfig):
 
     def _validate_format(self) -> None:
         n = self.name
-        if self.format not in ("int",) + GGUF_FORMATS:
-            raise CompressError(f"{n}.format: expected int or one of {', '.join(GGUF_FORMATS)}, got {self.format!r}")
+        if self.format not in ("int",) + GGUF_FORMATS + FP_FORMATS:
+            raise CompressError(f"{n}.format: expected int, one of {', '.join(FP_FORMATS)}, or one of "
+                                f"{', '.join(GGUF_FORMATS)}, got {self.format!r}")
         if self.format == "int":
             return
-        for key, default in (("bits", 4), ("group_size", 128), ("symmetric", False)):
-            if getattr(self, key) != default:
-                raise CompressError(f"{n}.{key}: format {self.format} sets the grid; leave {key} out")
+        if self.format in FP_FORMATS:
+            bits, group = FP_GRIDS[self.format][:2]
+            group = group or "channel"
+            if self.bits not in (4, bits):
+                raise CompressError(f"{n}.bits: format {self.format} has {bits}-bit elements; expected {bits} "
+                                    f"or leave bits out")
+            if self.group_size not in (None, group):
+                raise CompressError(f"{n}.group_size: format {self.format} fixes groups of {group}; expected "
+                                    f"{group} or leave group_size out")
+            if self.symmetric is False:
+                raise CompressError(f"{n}.symmetric: format {self.format} is symmetric (no zero point); expected "
+                                    f"true or leave symmetric out")
+        else:
+            for key, default in (("bits", 4), ("group_size", None), ("symmetric", None)):
+                if getattr(self, key) != default:
+                    raise CompressError(f"{n}.{key}: format {self.format} sets the grid; leave {key} out")
         if not self.static_groups:
             raise CompressError(f"{n}.static_groups: format {self.format} fits its blocks before GPTQ's loop "
                                 f"(static groups); expected true")
+
+    def check_layer(self, name: str, out: int, d_in: int) -> None:
+        group = FP_GRIDS[self.format][1] if self.format in FP_FORMATS else None
+        if group and d_in % group:
+            raise CompressError(f"{self.name}.format: {name} has {d_in} inputs, not whole groups of {group} "
+                                f"({self.format}); ignore the layer or choose another format")
 
     # Elementwise operations per weight and clip candidate (scale, round, clamp,
     # dequantize, |error|^2.4 as exp / log): measured on SmolLM2's layers, the MSE search
@@ -135,17 +166,21 @@ class QuantConfig(PassConfig):
         return (second_order_cost(out, d_in) if self.method == "gptq" else 0.0) + float(out) * d_in * clip
 
     @property
-    def spec(self) -> Union[QuantSpec, GGMLSpec]:
+    def spec(self) -> Union[QuantSpec, GGMLSpec, FPSpec]:
+        if self.format in FP_FORMATS:
+            return FPSpec(self.format, self.clip_search)
         if self.format != "int":
             return GGMLSpec(self.format[len("gguf-"):], self.clip_search)
-        return QuantSpec(self.bits, None if self.group_size == "channel" else self.group_size,
-                         self.symmetric, self.clip_search)
+        group = {None: 128, "channel": None}.get(self.group_size, self.group_size)
+        return QuantSpec(self.bits, group, bool(self.symmetric), self.clip_search)
 
-    def spec_for(self, layer: Layer) -> Union[QuantSpec, GGMLSpec]:
+    def spec_for(self, layer: Layer) -> Union[QuantSpec, GGMLSpec, FPSpec]:
         """The grid of this layer: a gguf format falls back as llama.cpp's quantizer does
         where the rows are not whole super-blocks (noted in the layer's report)."""
         spec = self.spec
         if self.format == "int":
+            return spec
+        if isinstance(spec, FPSpec):   # whole groups: check_layer refused the rest before any work
             return spec
         d_in = layer.W.shape[-1]
         fmt = format_for(spec.fmt, d_in)
