@@ -13,6 +13,7 @@ Layers (out x in): 4096x4096 (q/o), 14336x4096 (gate/up), 4096x14336 (down), at 
     w4a16            Triton group-quantized matmul, int4 g128 asymmetric (QuantLinear)
     2:4+w4a16        Triton fused 2:4 + int4 g128 (SparseQuantLinear)
     armor            ArmorLinear fast path (block 32): bmm, 2:4 core, bmm
+    nvfp4, fp8       Triton FP weight-only matmul (FPLinear): NVFP4 (E2M1, groups of 16), FP8 E4M3
 
 Columns: time (µs, median of triton.testing.do_bench), speed-up over dense, TFLOP/s
 (2MNK / t), and "roofline": the HBM bytes the kernel must move (weight storage read once,
@@ -42,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compress.deploy import bind, choose  # noqa: E402
+from compress.fp_formats import FPSpec  # noqa: E402
 from compress.kernels import gemm  # noqa: E402
 from compress.masks import nm_mask  # noqa: E402
 from compress.nn import ArmorLinear, module_for  # noqa: E402
@@ -125,11 +127,12 @@ def layer_modules(N: int, K: int, device, group: int) -> dict:
     A = torch.eye(b, device=device) + 0.01 * torch.randn(N // b, b, b, device=device)
     B = torch.eye(b, device=device) + 0.01 * torch.randn(K // b, b, b, device=device)
     arm = ArmorLinear.from_result(ArmorResult(A, B, W * keep, keep))
-    for k, m in (("w4a16", q), ("2:4+w4a16", sq), ("armor", arm)):
+    fp = {fmt: module_for(rtn(W, None, FPSpec(fmt))) for fmt in ("nvfp4", "fp8")}
+    for k, m in (("w4a16", q), ("2:4+w4a16", sq), ("armor", arm), *fp.items()):
         m.to(device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
         kernel = choose(m, device)
         if interpreted and k != "armor":                   # a rehearsal runs the Triton kernels too
-            kernel = "triton-2:4+wNa16" if k == "2:4+w4a16" else "triton-wNa16"
+            kernel = {"w4a16": "triton-wNa16", "2:4+w4a16": "triton-2:4+wNa16"}.get(k, "triton-fp")
         bind(m, kernel, torch.float16 if device.type == "cuda" else torch.float32)
         mods[k] = (m, m.storage_bits() // 8)
     return mods

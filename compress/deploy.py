@@ -22,7 +22,7 @@ from compress.errors import CompressError
 from compress.kernels import triton_available
 from compress.kernels.sparse24 import compress_weight, why_not
 from compress.models import find_blocks
-from compress.nn import ArmorLinear, PackedLinear, QuantLinear, SparseQuantLinear
+from compress.nn import ArmorLinear, FPLinear, PackedLinear, QuantLinear, SparseQuantLinear
 from compress.nn.sparse_linear import SparseLinear
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,18 @@ def _sparse_quant(m: SparseQuantLinear, x: torch.Tensor) -> torch.Tensor:
     return sparse24_quant_matmul(x, m.qweight, m.pattern, m.scales, m.qzeros, m.spec.bits, m.spec.group_size, m.bias)
 
 
+def _fp(m: FPLinear, x: torch.Tensor) -> torch.Tensor:
+    from compress.kernels.fp_matmul import fp_matmul
+    return fp_matmul(x, m.qweight, m.scales, m.global_scale, m.fmt, m.bias)
+
+
 def _armor(m: ArmorLinear, x: torch.Tensor) -> torch.Tensor:
     from compress.kernels.armor import armor_matmul
     return armor_matmul(x, m.A, m.prepared_core, m.B, m.bias)
 
 
 # kernel name -> impl(module, x): what a bound module's forward runs
-KERNELS: dict[str, Callable] = {"triton-wNa16": _quant, "triton-2:4+wNa16": _sparse_quant,
+KERNELS: dict[str, Callable] = {"triton-wNa16": _quant, "triton-2:4+wNa16": _sparse_quant, "triton-fp": _fp,
                                 "armor-bmm": _armor, "armor-bmm+2:4": _armor}
 
 
@@ -62,6 +67,8 @@ def choose(module: nn.Module, device: torch.device) -> str:
         return "triton-2:4+wNa16" if triton_available(device) and _quant_ok(module) else REFERENCE
     if isinstance(module, QuantLinear):
         return "triton-wNa16" if triton_available(device) and _quant_ok(module) else REFERENCE
+    if isinstance(module, FPLinear):                  # NVFP4 / MXFP4 / FP8: every shape FPLinear stores
+        return "triton-fp" if triton_available(device) else REFERENCE
     if isinstance(module, ArmorLinear):
         return "armor-bmm" if device.type == "cuda" else REFERENCE
     return REFERENCE

@@ -19,9 +19,10 @@ from torch.sparse import to_sparse_semi_structured
 
 import compress
 from compress.deploy import bind
+from compress.fp_formats import FPSpec
 from compress.kernels import reference as R
 from compress.masks import nm_mask
-from compress.nn import SparseQuantLinear, module_for
+from compress.nn import FPLinear, SparseQuantLinear, module_for
 from compress.nn.sparse_linear import SparseLinear
 from compress.quantize import QuantSpec, rtn
 
@@ -67,6 +68,11 @@ def quant_module(N, K, bits, sym, sparse, device, seed=0):
     return module_for(res).to(device)
 
 
+def fp_module(N, K, fmt, device, seed=0) -> FPLinear:
+    """An FPLinear (nvfp4 / mxfp4 / fp8) of a random weight, quantized on `device`."""
+    return module_for(rtn(randn(N, K, device=device, seed=seed), None, FPSpec(fmt))).to(device)
+
+
 def reference_y(m, x, bias, full: bool) -> torch.Tensor:
     """y [M, N] of the module's storage: reference.py's own op when `full` (it loops over
     columns on the CPU: seconds at 4096 x 4096, a minute at K = 14336), else a float64
@@ -74,6 +80,8 @@ def reference_y(m, x, bias, full: bool) -> torch.Tensor:
     if not full:
         return x.double() @ m.effective_weight().double().T + bias.double()
     xc, bc, b = x.cpu().float(), bias.cpu(), m.spec.bits
+    if isinstance(m, FPLinear):
+        return R.fp_matmul(xc, m.qweight, m.scales, m.global_scale, m.fmt, bc)
     if isinstance(m, SparseQuantLinear):
         return R.sparse24_quant_matmul(xc, m.qweight, m.pattern, m.scales, m.qzeros, b, 128, bc)
     return R.quant_matmul(xc, m.qweight, m.scales, m.qzeros, b, 128, bc)
@@ -95,18 +103,46 @@ def test_triton_matches_reference_at_llama_shapes(shape, bits, sym, sparse, dtyp
     x = randn(sum(MS), K, device=cuda_device, dtype=dtype, seed=1)
     bias = randn(N, device=cuda_device, dtype=dtype, seed=2)
     want = reference_y(m, x, bias, full=shape == "4096x4096").to(cuda_device)
-    start = 0
+    if sparse:
+        check_each_m(lambda xm: sparse24_quant_matmul(xm, m.qweight, m.pattern, m.scales, m.qzeros, bits, 128, bias),
+                     x, want, dtype, shape)
+    else:
+        check_each_m(lambda xm: quant_matmul(xm, m.qweight, m.scales, m.qzeros, bits, 128, bias), x, want, dtype, shape)
+
+
+def check_each_m(call, x, want, dtype, what) -> None:
+    """call(rows of x) against the same rows of want [sum(MS), N], for each M of MS, with
+    the output's block poisoned first."""
+    start, N = 0, want.shape[1]
     for M in MS:
-        xm, rows = x[start:start + M], slice(start, start + M)
+        rows = slice(start, start + M)
         start += M
-        poison((M, N), dtype, cuda_device)
-        if sparse:
-            got = sparse24_quant_matmul(xm, m.qweight, m.pattern, m.scales, m.qzeros, bits, 128, bias)
-        else:
-            got = quant_matmul(xm, m.qweight, m.scales, m.qzeros, bits, 128, bias)
+        poison((M, N), dtype, x.device)
+        got = call(x[rows])
         assert got.dtype == dtype and got.shape == (M, N)
         err = rel(got, want[rows])
-        assert err < tol(dtype), (shape, M, err)
+        assert err < tol(dtype), (what, M, err)
+
+
+# NVFP4 (groups of 16: a K-step of 16) at every shape in fp16 and at one in bf16; MXFP4
+# and FP8 at one, one dtype each: 8 compiles (format x dtype x M path), not 12.
+FP16, BF16 = torch.float16, torch.bfloat16
+FP_CASES = [pytest.param("nvfp4", s, FP16, id=f"nvfp4-{s}-fp16") for s in SHAPES] + \
+    [pytest.param(fmt, "4096x4096", dt, id=f"{fmt}-4096x4096-{n}")
+     for fmt, dt, n in (("nvfp4", BF16, "bf16"), ("mxfp4", FP16, "fp16"), ("fp8", BF16, "bf16"))]
+
+
+@pytest.mark.parametrize("fmt,shape,dtype", FP_CASES)
+def test_triton_fp_matches_reference_at_llama_shapes(fmt, shape, dtype, cuda_device, rehearsal, bf16_dot):
+    """fp_matmul (FPLinear: NVFP4 / MXFP4 / FP8) at every M of MS."""
+    from compress.kernels.fp_matmul import fp_matmul
+    N, K = shape_of(shape, rehearsal)
+    m = fp_module(N, K, fmt, cuda_device)
+    x = randn(sum(MS), K, device=cuda_device, dtype=dtype, seed=1)
+    bias = randn(N, device=cuda_device, dtype=dtype, seed=2)
+    want = reference_y(m, x, bias, full=shape == "4096x4096").to(cuda_device)
+    check_each_m(lambda xm: fp_matmul(xm, m.qweight, m.scales, m.global_scale, fmt, bias), x, want, dtype,
+                 (fmt, shape))
 
 
 @DTYPES

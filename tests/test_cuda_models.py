@@ -41,6 +41,7 @@ BUILDS = {
     "QuantLinear": ("llama", [W4], {"QuantLinear": "triton-wNa16"}),
     "SparseQuantLinear": ("llama", [{"sparsegpt": {"pattern": "2:4"}}, W4],
                           {"SparseQuantLinear": "triton-2:4+wNa16"}),
+    "FPLinear": ("llama", [{"quant": {"format": "nvfp4"}}], {"FPLinear": "triton-fp"}),
     # No fast kernel for these: their plain-torch forward is deploy's documented choice.
     "GQSALinear": ("llama", [{"gqsa": {"bits": 4, "group_size": 16, "sparsity": 0.25, "epochs": 1}}],
                    {"GQSALinear": "reference"}),

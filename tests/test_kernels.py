@@ -13,9 +13,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import compress
 from compress.deploy import REFERENCE, bind, choose, deploy, sparse24_candidates
+from compress.fp_formats import E2M1_CODES, E4M3_CODES, FPSpec
 from compress.kernels import reference as R
 from compress.masks import nm_mask
-from compress.nn import ArmorLinear, GQSALinear, QuantLinear, SparseQuantLinear, module_for
+from compress.nn import ArmorLinear, FPLinear, GQSALinear, QuantLinear, SparseQuantLinear, module_for
 from compress.nn.armor_linear import ArmorResult
 from compress.packing import pack_bits
 from compress.quantize import QuantSpec, rtn
@@ -42,6 +43,12 @@ def quant_module(N, K, bits, group, sym, sparse=False, seed=0) -> QuantLinear:
     res = rtn(W if keep is None else W * keep, keep, QuantSpec(bits, group, sym))
     res.sparse24 = sparse
     return module_for(res)
+
+
+def fp_module(N, K, fmt, seed=0) -> FPLinear:
+    """An FPLinear (nvfp4 / mxfp4 / fp8) of a random [N, K] weight, with a bias."""
+    g = torch.Generator().manual_seed(seed)
+    return module_for(rtn(torch.randn(N, K, generator=g), None, FPSpec(fmt)), torch.randn(N, generator=g))
 
 
 def armor_module(N, K, b, seed=0) -> ArmorLinear:
@@ -88,6 +95,25 @@ def test_reference_equals_the_modules(sparse, sym):
     assert rel(op(), m(x)) < 1e-6
 
 
+def test_reference_fp_matmul_by_hand():
+    # NVFP4, one row of 16 inputs (one group): codes 1 (0.5), 9 (-0.5), 7 (6), 15 (-6), then 0;
+    # scale S = E4M3 0x40 (2.0) over g = 4: effective scale 0.5.
+    codes = torch.tensor([1, 9, 7, 15] + [0] * 12, dtype=torch.uint8)
+    qweight = (codes[0::2] | (codes[1::2] << 4))[None]               # even column in the low nibble
+    scales = torch.tensor([[0x40]], dtype=torch.uint8)
+    x = torch.tensor([[1.0, 0.0, 2.0, 1.0] + [1.0] * 12])
+    # W = [0.25, -0.25, 3, -3, 0, ...]; y = 0.25 + 6 - 3 = 3.25
+    assert R.fp_matmul(x, qweight, scales, torch.tensor([4.0]), "nvfp4").item() == 3.25
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "fp8"])
+def test_reference_fp_matmul_equals_the_module(fmt):
+    m = fp_module(24, 96, fmt)
+    x = torch.randn(5, 96)
+    assert m.kernel == REFERENCE
+    assert rel(R.fp_matmul(x, m.qweight, m.scales, m.global_scale, fmt, m.bias), m(x)) < 1e-6
+
+
 def test_reference_armor_equals_the_module():
     m = armor_module(32, 64, 8)
     x = torch.randn(3, 64)
@@ -112,11 +138,16 @@ CASES = [(4, 64, False), (4, 64, True), (4, None, False), (8, 32, False), (4, 48
 
 
 def _triton_vs_reference(m, x, bias):
-    """(Triton, reference) y for the module's storage: the 2:4 kernel for a SparseQuantLinear."""
+    """(Triton, reference) y for the module's storage: the 2:4 kernel for a SparseQuantLinear,
+    the FP kernel for an FPLinear."""
+    from compress.kernels.fp_matmul import fp_matmul
     from compress.kernels.quant_matmul import quant_matmul
     from compress.kernels.sparse_quant_matmul import sparse24_quant_matmul
     b, g = m.spec.bits, m.spec.group_size
     xc, bc = x.cpu(), None if bias is None else bias.cpu()
+    if isinstance(m, FPLinear):
+        return (fp_matmul(x, m.qweight, m.scales, m.global_scale, m.fmt, bias),
+                R.fp_matmul(xc, m.qweight, m.scales, m.global_scale, m.fmt, bc))
     if isinstance(m, SparseQuantLinear):
         return (sparse24_quant_matmul(x, m.qweight, m.pattern, m.scales, m.qzeros, b, g, bias),
                 R.sparse24_quant_matmul(xc, m.qweight, m.pattern, m.scales, m.qzeros, b, g, bc))
@@ -225,6 +256,106 @@ def test_launch_shapes():
         step_for(40, 64)
 
 
+# ----------------------------------------------------------------------------- FPLinear: NVFP4 / MXFP4 / FP8
+
+FP_FORMATS = ["nvfp4", "mxfp4", "fp8"]
+FINITE_E4M3 = [c for c in range(256) if c not in (0x7F, 0xFF)]        # the 254 finite float8_e4m3fn codes
+
+
+def _pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def _rebuilt(qweight, scales, global_scale, fmt, K) -> torch.Tensor:
+    """W_hat [N, K] as the Triton kernel rebuilds it in registers: y = I W_hat^T in fp32
+    (ieee), one product per output, so y holds each weight exactly."""
+    from compress.kernels.fp_matmul import fp_matmul
+    gs = None if global_scale is None else global_scale.to(DEV)
+    return fp_matmul(torch.eye(K, device=DEV), qweight.to(DEV), scales.to(DEV), gs, fmt).T.cpu()
+
+
+def test_triton_fp_decodes_every_code_exactly():
+    """tiles.minifloat's arithmetic against compress.fp_formats' tables, bit for bit
+    (up to the sign of zero, which no matmul shows): E2M1 codes 0..15 under NVFP4 scales
+    of every finite E4M3 code (over a global scale of 3), every finite E4M3 code as an
+    fp8 weight, and MXFP4's scale
+    2^(e - 127) for every stored exponent (0: a zero scale)."""
+    _need_triton()
+    e2m1 = torch.arange(16, dtype=torch.uint8).expand(254, 16)              # [254, 16]: every code per row
+    s_codes = torch.tensor(FINITE_E4M3, dtype=torch.uint8)[:, None]         # row n's scale: code n
+    got = _rebuilt(_pack_fp4(e2m1), s_codes, torch.tensor([3.0]), "nvfp4", 16)      # S / g: an IEEE division
+    assert torch.equal(got, E2M1_CODES[None, :] * (E4M3_CODES[s_codes.long()] / 3.0))
+    fp8 = torch.tensor(FINITE_E4M3 + [0, 0], dtype=torch.uint8).reshape(16, 16)
+    assert torch.equal(_rebuilt(fp8, torch.ones(16, 1), None, "fp8", 16), E4M3_CODES[fp8.long()])
+    e = torch.arange(255, dtype=torch.uint8)[:, None]                       # stored exponents 0..254
+    pm1 = torch.tensor([2, 10], dtype=torch.uint8).repeat(255, 16)          # E2M1 +1, -1
+    want = torch.where(e > 0, torch.ldexp(torch.ones(255, 1), e.long() - 127), 0.0) * torch.tensor([1.0, -1.0] * 16)
+    assert torch.equal(_rebuilt(_pack_fp4(pm1), e, None, "mxfp4", 32), want)
+
+
+@pytest.mark.parametrize("fmt", FP_FORMATS)
+@pytest.mark.parametrize("M", [1, 5, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_fp_matmul_matches_reference(fmt, M, dtype):
+    _need_triton()
+    m = fp_module(40, 192, fmt).to(DEV)
+    got, want = _triton_vs_reference(m, torch.randn(M, 192).to(DEV, dtype), m.bias.to(dtype))
+    assert got.dtype == dtype and got.shape == (M, 40)
+    assert rel(got.cpu(), want) < tol(dtype)
+
+
+# K = 100: NVFP4's last group of 16 and MXFP4's of 32 are short (4 inputs), and the last
+# K-step (16, 32; fp8: 128 or 64) is partly outside K. N and M are off every tile.
+@pytest.mark.parametrize("fmt", FP_FORMATS)
+@pytest.mark.parametrize("M,N", [(1, 136), (13, 40), (70, 136), (130, 40)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_fp_odd_shapes_and_bf16_match_reference(fmt, M, N, dtype, bf16_dot):
+    _need_triton()
+    from compress.kernels.gemm import launch_shape
+    K = 100
+    m = fp_module(N, K, fmt).to(DEV)
+    cfg = launch_shape(M, N, K, m.spec.group_size, torch.device(DEV))
+    assert M % cfg["BM"] and N % cfg["BN"] and K % cfg["BK"]
+    x = torch.randn(2, M, K).to(DEV, dtype)
+    got, want = _triton_vs_reference(m, x, m.bias.to(dtype))
+    assert got.dtype == dtype and got.shape == (2, M, N)
+    assert rel(got.cpu(), want) < tol(dtype)
+
+
+def test_fp_matmul_refuses_storage_it_cannot_read():
+    _need_triton()
+    from compress.kernels.fp_matmul import fp_matmul
+    m = fp_module(8, 32, "nvfp4")
+    x = torch.randn(2, 32)
+    with pytest.raises(ValueError, match="global scale"):
+        fp_matmul(x, m.qweight, m.scales, None, "nvfp4")
+    with pytest.raises(ValueError, match="does not hold 64 inputs"):
+        fp_matmul(torch.randn(2, 64), m.qweight, m.scales, m.global_scale, "nvfp4")
+    with pytest.raises(ValueError, match="unknown format"):
+        fp_matmul(x, m.qweight, m.scales, m.global_scale, "fp4")
+
+
+def test_triton_fp_kernel_in_a_whole_model(tiny_llama, monkeypatch):
+    """A tiny LLaMA whose block linears are FPLinear (the three formats in turn), deployed:
+    every one gets "triton-fp" and the model gives the reference logits."""
+    _need_triton()
+    import compress.deploy as D
+    names = [n for n, m in tiny_llama.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    for i, name in enumerate(names):
+        lin = tiny_llama.get_submodule(name)
+        res = rtn(lin.weight.detach().float(), None, FPSpec(FP_FORMATS[i % 3]))
+        tiny_llama.set_submodule(name, module_for(res, lin.bias))
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tiny_llama(ids).logits
+        monkeypatch.setattr(D, "triton_available", lambda device: True)
+        chosen = deploy(tiny_llama, DEV, torch.float32)
+        got = tiny_llama(ids.to(DEV)).logits
+    assert len(chosen) == len(names) == 14 and set(chosen.values()) == {"triton-fp"}
+    assert {m.fmt for m in tiny_llama.modules() if isinstance(m, FPLinear)} == set(FP_FORMATS)
+    assert rel(got.cpu(), want) < 1e-3
+
+
 # ----------------------------------------------------------------------------- ArmorLinear fast path
 
 def test_armor_fast_path_matches_reference():
@@ -251,10 +382,12 @@ def test_choose_by_device(monkeypatch):
     g_idx = QuantLinear(64, 16, 4, 32, False, g_idx=True)
     gqsa = GQSALinear(64, 16, 4, 16, False, 2)
     a = armor_module(16, 64, 8)
-    assert {choose(m, cpu) for m in (q, s, g_idx, gqsa, a)} == {REFERENCE}
+    fp = [fp_module(16, 64, fmt) for fmt in ("nvfp4", "mxfp4", "fp8")]
+    assert {choose(m, cpu) for m in (q, s, g_idx, gqsa, a, *fp)} == {REFERENCE}
     monkeypatch.setattr(D, "triton_available", lambda device: device.type == "cuda")
-    assert [choose(m, cuda) for m in (q, s, g_idx, gqsa, a)] == \
-        ["triton-wNa16", "triton-2:4+wNa16", REFERENCE, REFERENCE, "armor-bmm"]
+    assert [choose(m, cuda) for m in (q, s, g_idx, gqsa, a, *fp)] == \
+        ["triton-wNa16", "triton-2:4+wNa16", REFERENCE, REFERENCE, "armor-bmm"] + ["triton-fp"] * 3
+    assert {choose(m, cpu) for m in fp} == {REFERENCE}
     assert choose(QuantLinear(64, 16, 3, 32, False), cuda) == REFERENCE       # 3-bit codes straddle words
     assert choose(QuantLinear(72, 16, 4, 24, False), cuda) == REFERENCE       # no K-step divides 24
 

@@ -13,6 +13,10 @@ Formats (see the runtime modules' docstrings for the bit layouts):
     sparse24_quant_matmul   SparseQuantLinear: qweight [out, in/2*b/32] (kept codes),
                             pattern [out, in/4*3/32] (index into PAIRS), scales, qzeros
     armor_matmul            ArmorLinear: A [out/b, b, b], core S [out, in] (2:4), B [in/b, b, b]
+    fp_matmul               FPLinear (nvfp4 / mxfp4 / fp8): qweight uint8 [out, in/2] (two E2M1
+                            codes a byte, even column low) or [out, in] (E4M3 bits), scales
+                            uint8 [out, G] (E4M3 bits / E8M0 exponents) or fp32 [out, 1],
+                            global_scale fp32 [1] (nvfp4) or None
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from compress.fp_formats import E2M1_CODES, E4M3_CODES, FORMATS
 from compress.packing import unpack_bits
 
 # The 6 ways to keep 2 of 4: [6, 2] kept slots (p0 < p1) of a group of 4 inputs, by pattern
@@ -105,4 +110,35 @@ def armor_matmul(x: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Ten
     def blockdiag(blocks):
         return torch.block_diag(*blocks.float().cpu())
     W = blockdiag(A) @ S.float().cpu() @ blockdiag(B)
+    return _linear(x, W.to(x.device), bias)
+
+
+def fp_values(qweight: torch.Tensor, fmt: str, d_in: int) -> torch.Tensor:
+    """FPLinear's qweight -> the elements' values [out, in] fp32 (before scaling)."""
+    q = qweight.cpu().long()
+    if fmt == "fp8":
+        return E4M3_CODES[q]                                      # float8_e4m3fn's bits -> value
+    codes = torch.empty(q.shape[0], d_in, dtype=torch.long)
+    codes[:, 0::2] = q & 0xF                                      # even column: low nibble
+    codes[:, 1::2] = q >> 4
+    return E2M1_CODES[codes]                                      # sign << 3 | magnitude index
+
+
+def fp_scales(scales: torch.Tensor, global_scale: Optional[torch.Tensor], fmt: str) -> torch.Tensor:
+    """FPLinear's stored scales -> the effective scales [out, G] fp32."""
+    if fmt == "nvfp4":                                            # E4M3 bits of scale * g
+        return E4M3_CODES[scales.cpu().long()] / global_scale.cpu().float()
+    if fmt == "mxfp4":                                            # E8M0: 2^(e - 127), 0 for e = 0
+        e = scales.cpu().long()
+        return torch.where(e > 0, torch.ldexp(torch.ones(e.shape), e - 127), torch.zeros(e.shape))
+    return scales.cpu().float()                                   # fp8: fp32, one per row
+
+
+def fp_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, global_scale: Optional[torch.Tensor],
+              fmt: str, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W_hat^T for FPLinear storage: W_hat[o, j] = value(u[o, j]) * scale[o, j // group]."""
+    d_in = x.shape[-1]
+    g = FORMATS[fmt][1] or d_in
+    values, s = fp_values(qweight, fmt, d_in), fp_scales(scales, global_scale, fmt)
+    W = values * s.repeat_interleave(g, dim=1)[:, :d_in]
     return _linear(x, W.to(x.device), bias)
