@@ -26,7 +26,7 @@ from compress.batch import ExpertLayer, expert_rows, run_on_experts
 from compress.capture import BlockInput, forward_block
 from compress.errors import CompressError
 from compress.experts import ExpertLinear
-from compress.models import set_weight
+from compress.models import serving_groups, set_weight
 from compress.parallel import compress_layers, reduce_stats
 from compress.passes.base import BLOCK_FNS, BlockContext, Layer, PassConfig, pass_fn
 from compress.routing import ExpertsObserver
@@ -197,6 +197,10 @@ def _layer_stage(block, linears: dict, layers: dict, cfgs: list[PassConfig], inp
     mine = _targeted(linears, cfgs)
     want_xtx = any(c.needs_xtx for c in cfgs)
     moe = moe or MoEOptions()
+    for group in serving_groups([n for n in mine if not isinstance(layers[n], ExpertLayer)]):
+        absmax = max(float(layers[n].W.abs().max()) for n in group)
+        for n in group:
+            layers[n].fused_absmax = absmax
 
     def run(sub: dict, stats: Optional[dict]) -> None:   # in a distributed run, each rank its share
         compress_layers(layers, sub, stats, cfgs, lambda *a: compress_linear(*a, moe), moe.min_tokens)
@@ -220,10 +224,12 @@ def _layer_stage(block, linears: dict, layers: dict, cfgs: list[PassConfig], inp
 @torch.no_grad()
 def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput], sweep: list[PassConfig],
                    device, true_sequential: bool, act_device=None, dtype=None,
-                   moe: Optional[MoEOptions] = None) -> tuple[list[dict], dict]:
+                   moe: Optional[MoEOptions] = None, params: Optional[dict] = None) -> tuple[list[dict], dict]:
     """Statistics, layer passes, block passes (in recipe order, `segments`) and report
     rows for one block (already on `device`). linears {qualified name: module} are the
-    targeted layers, masters their fp32 weights [out, in]. Returns (report rows,
+    targeted layers, masters their fp32 weights [out, in]; params the fp32 copies of the
+    block's parameters the caller restores after reduced-precision forwards (block
+    passes write a changed norm there: BlockContext.masters). Returns (report rows,
     {name: packed result} of packing passes)."""
     layers = {n: ExpertLayer(n, masters[n].clone(), masters[n].clone(), None, names=m.names)
               if isinstance(m, ExpertLinear) else Layer(n, masters[n].clone(), masters[n].clone(), None)
@@ -231,7 +237,7 @@ def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput]
     parts = segments(sweep)
     targets = None   # the dense block's outputs, for block passes
     share = False    # whether the first statistics forward records them
-    if any(c.name in BLOCK_FNS for c in sweep):
+    if any(c.trains_blocks for c in sweep):
         targets = []
         share = not true_sequential and _stats_forward(parts[0], _targeted(linears, parts[0]))
         if not share:
@@ -243,7 +249,7 @@ def compress_block(block, linears: dict, masters: dict, inputs: list[BlockInput]
         mine = _block_targets(linears, cfg)
         if cfg.name in BLOCK_FNS and mine:
             ctx = BlockContext(block, {n: layers[n] for n in mine}, mine, targets, device, dtype,
-                               forward=lambda b: forward_block(block, inputs[b], device))
+                               forward=lambda b: forward_block(block, inputs[b], device), masters=params)
             BLOCK_FNS[cfg.name](ctx, cfg)
             for n in mine:   # what later segments and the propagation see
                 set_weight(linears[n], layers[n].W)

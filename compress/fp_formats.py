@@ -17,7 +17,8 @@ against the rounded scale (not rounded after the fact):
 
 - NVFP4 (NVIDIA's Blackwell format, as llm-compressor and ModelOpt define it): the
   tensor's global scale g = 448 * 6 / max|W| lets the largest group scale use E4M3's
-  whole range; group k's stored scale is S_k = e4m3(max|w_k| / 6 * g), and its
+  whole range (max over the layers a serving engine fuses, q/k/v and gate/up, which
+  vLLM loads with one global scale: `global_amax`); group k's stored scale is S_k = e4m3(max|w_k| / 6 * g), and its
   effective scale S_k / g (an fp32 division, as compressed-tensors dequantizes).
 - MXFP4 (OCP Microscaling v1.0): e = floor(log2 max|w_k|) - 2, the element format's
   largest exponent, except that a group maximum whose mantissa is 1.75 or more takes
@@ -77,6 +78,7 @@ class FPSpec:
     clip_search: bool = False
     clip_grid: int = 100
     clip_maxshrink: float = 0.8
+    global_amax: Optional[float] = None   # nvfp4: the range its global scale covers (None: the tensor's)
     static_only = True
     symmetric = True
 
@@ -112,6 +114,8 @@ class FPSpec:
         raw = None
         if self.fmt == "nvfp4":
             tmax = amax.flatten(-2).amax(-1, keepdim=True)                    # [..., 1]
+            if self.global_amax is not None:        # layers fused at serving share one global scale
+                tmax = torch.full_like(tmax, self.global_amax)
             gs = torch.where(tmax > 0, E4M3_MAX * E2M1_MAX / tmax, torch.ones_like(tmax))
             raw = {"global_scale": gs}
         scale = self._scale(amax, raw)

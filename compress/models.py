@@ -159,3 +159,20 @@ def head_of(model: nn.Module) -> Optional[str]:
     head = get() if callable(get) else None
     return name_of(model, head) if head is not None and is_linear(head) else None
 
+
+# The linears a serving engine loads as one (vLLM's packed_modules_mapping: qkv_proj,
+# gate_up_proj), which must then share a per-tensor scale (NVFP4's global scale).
+SERVING_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def serving_groups(names) -> list[list[str]]:
+    """The qualified linear names that a serving engine fuses into one layer, grouped:
+    siblings of one parent module whose leaf names form one of SERVING_FUSED's sets
+    (only those present; a lone member is a group of one)."""
+    groups: dict = {}
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        fused = next((i for i, g in enumerate(SERVING_FUSED) if leaf in g), None)
+        groups.setdefault((parent, leaf) if fused is None else (parent, fused), []).append(n)
+    return list(groups.values())
+

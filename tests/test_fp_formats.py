@@ -102,6 +102,19 @@ def test_run_save_load_and_24_stays_exact(fmt, tiny_llama, tmp_path):
     assert {type(m).__name__ for n, m in loaded.named_modules() if n in mods} == {"FPLinear"}
 
 
+def test_nvfp4_layers_fused_at_serving_share_one_global_scale(tiny_llama):
+    """vLLM loads q/k/v (and gate/up) as one layer with one global scale: theirs is the
+    same, from the largest |w| of the group; o_proj and down_proj keep their own."""
+    compress.run(tiny_llama, [compress.Quant(format="nvfp4", method="rtn")], calib=_ids())
+    layer = tiny_llama.model.layers[1]
+    a, m = layer.self_attn, layer.mlp
+    gs = {n: float(getattr(x, n).global_scale) for x in (a, m) for n in dir(x) if n.endswith("_proj")}
+    assert gs["q_proj"] == gs["k_proj"] == gs["v_proj"] and gs["gate_proj"] == gs["up_proj"]
+    dense = {n: float(getattr(x, n).effective_weight().abs().max()) for x in (a, m) for n in dir(x) if n.endswith("_proj")}
+    assert gs["o_proj"] != gs["q_proj"] and gs["down_proj"] != gs["up_proj"]
+    assert gs["q_proj"] == pytest.approx(448 * 6 / max(dense[n] for n in ("q_proj", "k_proj", "v_proj")), rel=1e-6)
+
+
 @pytest.mark.parametrize("args,match", [
     ({"format": "nvfp4", "group_size": 32}, r"quant\.group_size: format nvfp4 fixes groups of 16; expected 16"),
     ({"format": "mxfp4", "group_size": 16}, r"quant\.group_size: format mxfp4 fixes groups of 32; expected 32"),

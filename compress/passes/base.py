@@ -47,6 +47,10 @@ class PassConfig:
                 except re.error as e:
                     raise CompressError(f"{self.name}.{key}: bad regular expression {p!r} ({e})") from None
 
+    def link(self, later: list) -> None:
+        """See the passes after this one in the recipe (AWQ takes its grid from the quant
+        pass that follows it); raise CompressError if what it needs is missing."""
+
     def check_layer(self, name: str, out: int, d_in: int) -> None:
         """Raise CompressError if the pass cannot run on a layer of this shape; the
         runner calls it for every targeted layer before any work."""
@@ -101,6 +105,10 @@ class Layer:
     # The N:M pattern (N, M) the zeros of W follow, set by the pruning pass that made
     # them; a later pass that moves zeros (DSnoT) keeps it.
     nm: Optional[tuple[int, int]] = None
+    # The largest |w| over this layer and those a serving engine fuses with it (q/k/v,
+    # gate/up: compress.models.serving_groups), as they stood when this layer stage
+    # began: NVFP4's shared global scale.
+    fused_absmax: Optional[float] = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -149,10 +157,15 @@ class BlockContext:
     block    the decoder block, on `device`, parameters in the calibration dtype `dtype`
     layers   {qualified name: Layer} of the layers the pass targets, after the layer passes
     modules  {qualified name: the linear module in `block`} (same keys)
-    targets  the dense block's output for each calibration batch [batch, seq, d]
+    targets  the dense block's output for each calibration batch [batch, seq, d] (None
+             unless a pass of the sweep trains on them: `trains_blocks`)
     forward  forward(k): the block's output [batch, seq, d] on calibration batch k, as
              the block stands now (with the arguments the model gives this block);
              gradients follow the caller's mode, so a pass can train through it
+    masters  {parameter name in the block: fp32 copy} that the runner writes back after
+             forwards in a reduced dtype (runner.run_in_dtype), or None when the block runs
+             in its own dtype: a pass that changes a parameter other than a layer's W (AWQ
+             folding a scale into a norm) writes both it and the live parameter
     """
 
     block: "torch.nn.Module"
@@ -162,6 +175,7 @@ class BlockContext:
     device: torch.device
     dtype: torch.dtype
     forward: Callable[[int], torch.Tensor]
+    masters: Optional[dict] = None
 
 
 def second_order_cost(out: int, d_in: int) -> float:

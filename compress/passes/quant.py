@@ -26,7 +26,7 @@ so an N:M pattern survives exactly. Scales and zero points are fitted on kept we
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 import torch
@@ -181,7 +181,8 @@ class QuantConfig(PassConfig):
         if self.format == "int":
             return spec
         if isinstance(spec, FPSpec):   # whole groups: check_layer refused the rest before any work
-            return spec
+            fused = spec.fmt == "nvfp4" and layer.W.dim() == 2 and layer.fused_absmax
+            return replace(spec, global_amax=layer.fused_absmax) if fused else spec
         d_in = layer.W.shape[-1]
         fmt = format_for(spec.fmt, d_in)
         if fmt is None:
