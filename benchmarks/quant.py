@@ -10,6 +10,15 @@ seqlen 512, first 64 windows. Rows (`--rows` takes their keys):
     sgpt24         {"sparsegpt": {"pattern": "2:4"}}  (weights stay 16-bit)
     sgpt24_gptq4   {"sparsegpt": {"pattern": "2:4"}}, {"quant": {"bits": 4, "group_size": 64}}
     gqsa           {"gqsa": {"bits": 4, "sparsity": 0.5}}  (needs compress/passes/gqsa.py)
+    rtn_nvfp4, gptq_nvfp4, rtn_mxfp4, gptq_mxfp4, fp8
+                   {"quant": {"format": ..., "method": ...}}  (issue 22: the FP formats)
+    awq4, awq_gptq4  {"awq": {}}, then RTN / GPTQ W4 g64
+    sgpt24_gptq_nvfp4  SparseGPT 2:4, then GPTQ NVFP4
+
+The issue-22 rows (and gptq4) run with llm-compressor 0.14 too, in the same run and on
+the same calibration ids (benchmarks/peer_llmc_quant.py, in the venv of
+benchmarks/setup_peer.sh): its QuantizationModifier / GPTQModifier with the NVFP4A16 and
+MXFP4A16 presets, FP8 per channel, its AWQModifier; --no-peer skips it.
 
 Each compressed row runs in a fresh subprocess; benchmarks/rows.py (the harness shared
 with benchmarks/armor.py) says what is measured. Below the table the issue's targets
@@ -17,6 +26,7 @@ are checked.
 
     python benchmarks/quant.py --data-dir ../shared/data [--nsamples 128] [--windows 64]
                                [--rows dense,rtn4,gptq4,...] [--work DIR] [--markdown FILE]
+                               [--no-peer] [--peer-python PATH]
 """
 from __future__ import annotations
 
@@ -43,7 +53,25 @@ ROWS = {  # key: (label, passes)
     "sgpt24": ("SparseGPT 2:4 (16-bit)", [SGPT24]),
     "sgpt24_gptq4": ("SparseGPT 2:4 + GPTQ W4 g64", [SGPT24, _q(4)]),
     "gqsa": ("GQSA W4 S50", [{"gqsa": {"bits": 4, "sparsity": 0.5}}]),
+    "rtn_nvfp4": ("RTN NVFP4", [{"quant": {"format": "nvfp4", "method": "rtn"}}]),
+    "gptq_nvfp4": ("GPTQ NVFP4", [{"quant": {"format": "nvfp4", "method": "gptq"}}]),
+    "rtn_mxfp4": ("RTN MXFP4", [{"quant": {"format": "mxfp4", "method": "rtn"}}]),
+    "gptq_mxfp4": ("GPTQ MXFP4", [{"quant": {"format": "mxfp4", "method": "gptq"}}]),
+    "fp8": ("FP8 (E4M3, per channel, RTN)", [{"quant": {"format": "fp8", "method": "rtn"}}]),
+    "awq4": ("AWQ W4 g64", [{"awq": {}}, _q(4, "rtn")]),
+    "awq_gptq4": ("AWQ + GPTQ W4 g64", [{"awq": {}}, _q(4, "gptq")]),
+    "sgpt24_gptq_nvfp4": ("SparseGPT 2:4 + GPTQ NVFP4", [SGPT24, {"quant": {"format": "nvfp4", "method": "gptq"}}]),
 }
+
+# llm-compressor's run of the same rows (benchmarks/peer_llmc_quant.py arguments)
+PEER = {"gptq4": ["--scheme", "w4g64", "--method", "gptq"],
+        "rtn_nvfp4": ["--scheme", "nvfp4", "--method", "rtn"], "gptq_nvfp4": ["--scheme", "nvfp4", "--method", "gptq"],
+        "rtn_mxfp4": ["--scheme", "mxfp4", "--method", "rtn"], "gptq_mxfp4": ["--scheme", "mxfp4", "--method", "gptq"],
+        "fp8": ["--scheme", "fp8", "--method", "rtn"], "awq4": ["--scheme", "w4g64", "--method", "awq"],
+        "awq_gptq4": ["--scheme", "w4g64", "--method", "awq_gptq"],
+        "sgpt24_gptq_nvfp4": ["--scheme", "nvfp4", "--method", "gptq", "--sparsegpt24"]}
+EXTRA = [("llm-compressor ppl", "peer_ppl", ".2f"), ("llm-compressor s", "peer_seconds", ".1f"),
+         ("llm-compressor peak RSS MiB", "peer_rss_mib", ".0f")]
 
 NOTE = ("Why group 64 and 3 bits: SmolLM2-135M's weights were dequantized from Q4_1 (4-bit, groups of 32, "
         "asymmetric with a float minimum), so 4-bit group-32 quantization on Q4_1's own grid would be lossless "
@@ -60,6 +88,15 @@ TARGETS = [  # (text, rows needed, check on {key: row})
     ("2:4 + GPTQ W4 ppl within 10% of 2:4 alone, and still exact 2:4", ["sgpt24", "sgpt24_gptq4"],
      lambda r: r["sgpt24_gptq4"]["ppl"] <= 1.1 * r["sgpt24"]["ppl"] and r["sgpt24_gptq4"]["exact_24"] is True),
     ("GQSA W4 S50 ppl below SparseGPT 2:4", ["sgpt24", "gqsa"], lambda r: r["gqsa"]["ppl"] < r["sgpt24"]["ppl"]),
+    ("issue 22: each row within 1 % of llm-compressor's same method, or better", list(PEER),
+     lambda r: all(r[k]["ppl"] <= 1.01 * r[k]["peer_ppl"] for k in PEER if "peer_ppl" in r[k])),
+    ("issue 22: GPTQ NVFP4 closes at least half of RTN NVFP4's gap to dense", ["dense", "rtn_nvfp4", "gptq_nvfp4"],
+     lambda r: r["rtn_nvfp4"]["ppl"] - r["gptq_nvfp4"]["ppl"] >= 0.5 * (r["rtn_nvfp4"]["ppl"] - r["dense"]["ppl"])),
+    ("issue 22: AWQ + GPTQ W4 at least as good as the better of the two alone", ["awq4", "gptq4", "awq_gptq4"],
+     lambda r: r["awq_gptq4"]["ppl"] <= min(r["awq4"]["ppl"], r["gptq4"]["ppl"])),
+    ("issue 22: wall time at most 0.5x llm-compressor's, every row", list(PEER),
+     lambda r: all(r[k]["seconds"] <= 0.5 * r[k]["peer_seconds"] for k in PEER if "peer_seconds" in r[k])),
+    ("issue 22: 2:4 + GPTQ NVFP4 still exact 2:4", ["sgpt24_gptq_nvfp4"], lambda r: r["sgpt24_gptq_nvfp4"]["exact_24"]),
 ]
 
 

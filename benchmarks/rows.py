@@ -12,6 +12,9 @@ suite's targets are checked.
 
 A suite is a module with ROWS {key: (label, passes)}, TARGETS [(text, keys, check)],
 NOTE, NAME (its cache folder) and a docstring, whose `__main__` calls `main(suite)`.
+A suite with PEER {key: [arguments of benchmarks/peer_llmc_quant.py]} also runs those
+rows with llm-compressor in its own venv (benchmarks/setup_peer.sh), in the same run,
+on the same calibration ids: "peer_ppl", "peer_seconds", "peer_rss_mib" in the row.
 """
 from __future__ import annotations
 
@@ -103,6 +106,8 @@ def worker(suite, a) -> None:
     seconds = time.perf_counter() - t0
     targeted = {r["layer"]: model.get_submodule(r["layer"]) for r in report["layers"]}
     weights, stats = measure(targeted, is_24(passes))
+    weights.update({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
+                    if "norm" in k and k not in weights})   # AWQ folds its scales into the norms
     for name, tr in (report.get("training") or {}).items():  # PERP: its norms (and biases) changed too
         weights.update({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
                         if ("norm" in k or k.endswith(".bias")) and k not in weights})
@@ -142,6 +147,25 @@ def targets(suite, rows: dict) -> str:
     return "\n".join(lines)
 
 
+def run_peer(suite, key: str, work: Path, a, model, dense_state, windows) -> dict:
+    """llm-compressor's run of row `key` (suite.PEER): its perplexity, seconds and peak RSS."""
+    if not a.peer_python:
+        import subprocess
+        setup = subprocess.run(["bash", str(HERE / "setup_peer.sh")], capture_output=True, text=True, check=True)
+        a.peer_python = setup.stdout.strip().splitlines()[-1]
+    out = work / f"peer-{key}"
+    cmd = [a.peer_python, str(HERE / "peer_llmc_quant.py"), *suite.PEER[key], "--calib", str(work / "calib.pt"),
+           "--out", str(out)]
+    try:
+        p = run_worker(cmd, out, f"llm-compressor {key}")
+    except WorkerFailed as e:
+        print(f"{key:13s} llm-compressor FAILED: {str(e.code)[-600:]}", flush=True)
+        return {"peer_error": str(e.code)[-600:]}
+    ppl = perplexity(model, dense_state, p["weights"], windows)
+    print(f"{key:13s} llm-compressor ppl {ppl:8.2f}  {p['seconds']:6.1f} s", flush=True)
+    return {"peer_ppl": ppl, "peer_seconds": p["seconds"], "peer_rss_mib": p["peak_rss_mib"]}
+
+
 def main(suite) -> None:
     """The command line of a suite module (ROWS, TARGETS, NOTE, NAME, __doc__, __file__)."""
     ROWS = suite.ROWS
@@ -158,6 +182,8 @@ def main(suite) -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated row keys (default: all of {','.join(ROWS)})")
     ap.add_argument("--work", default=str(HERE / ".cache" / suite.NAME))
     ap.add_argument("--markdown", help="also write the output (note, table, targets) to this file")
+    ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor (suites with PEER)")
+    ap.add_argument("--peer-python", default=None, help="python of llm-compressor's venv (default: build it)")
     a = ap.parse_args()
     if a.worker:
         return worker(suite, a)
@@ -190,6 +216,8 @@ def main(suite) -> None:
                 r["ppl"] = perplexity(model, dense_state, r["weights"], windows)
             except WorkerFailed as e:
                 r = {"error": str(e.code)}
+        if key in getattr(suite, "PEER", {}) and not a.no_peer:
+            r.update(run_peer(suite, key, work, a, model, dense_state, windows))
         rows[key] = r
         if "error" in r:
             print(f"{key:13s} FAILED: {r['error']}", flush=True)
