@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def as_configs(passes) -> list[PassConfig]:
-    """Accept configs or recipe-style entries `{name: {args}}`; validate each, and the
-    training data section of a model-level pass."""
+    """Accept configs or recipe-style entries `{name: {args}}`; validate each, the
+    training data section of a model-level pass, and what a pass needs from the passes
+    after it (`PassConfig.link`)."""
     out = []
     for i, p in enumerate(passes):
         if isinstance(p, PassConfig):
@@ -42,6 +43,8 @@ def as_configs(passes) -> list[PassConfig]:
             raise CompressError(f"passes.{i}: expected {{pass_name: {{arguments}}}}, got {p!r}")
         if getattr(out[-1], "data", None) is not None:
             check_data(out[-1])
+    for i, cfg in enumerate(out):   # passes that read the recipe after them (AWQ: the quant grid)
+        cfg.link(out[i + 1:])
     return out
 
 

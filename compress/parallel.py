@@ -27,7 +27,7 @@ from compress.stats import InputStats
 
 def reduce_stats(stats: dict[str, InputStats]) -> None:
     """Sum every distinct statistics object (shared ones once) over the ranks, in place:
-    count, sum, sum of squares and X^T X, for ExpertStats per expert."""
+    count, sum, sum of squares, sum of magnitudes and X^T X, for ExpertStats per expert."""
     if not dist.active():
         return
     seen: set = set()
@@ -36,7 +36,7 @@ def reduce_stats(stats: dict[str, InputStats]) -> None:
             continue
         seen.add(id(s))
         n = s.n if isinstance(s.n, torch.Tensor) else torch.tensor([s.n], dtype=torch.int64, device=s.sum.device)
-        dist.all_sum([t for t in (n, s.sum, s.sumsq, s.xtx) if t is not None])
+        dist.all_sum([t for t in (n, s.sum, s.sumsq, s.abssum, s.xtx) if t is not None])
         s.n = n if isinstance(s.n, torch.Tensor) else int(n)
 
 

@@ -38,15 +38,17 @@ log = logging.getLogger(__name__)
 @contextmanager
 def run_in_dtype(block: nn.Module, dtype: torch.dtype):
     """Run `block` in `dtype` (e.g. bf16 forwards on a CPU with native bf16), then put
-    its own parameters back exactly. Passes always see fp32 master weights."""
+    its own parameters back exactly. Passes always see fp32 master weights. Yields the
+    copies that are put back ({state-dict key: tensor}; None when `dtype` is the block's
+    own), where a block pass writes a parameter it changes (BlockContext.masters)."""
     own = next(block.parameters()).dtype
     if dtype == own:
-        yield
+        yield None
         return
     saved = {k: v.clone() for k, v in block.state_dict().items()}
     block.to(dtype)
     try:
-        yield
+        yield saved
     finally:
         block.to(own)
         block.load_state_dict(saved)
@@ -208,9 +210,9 @@ def _sweep_block(model, blocks, i: int, prefix: str, sweep: list[PassConfig], ca
         if not torch.isfinite(W).all():
             raise FloatingPointError(f"{n}: non-finite weights (before any pass)")
     inputs = calib.block(i) if calib else []
-    with run_in_dtype(block, dtype if calib else next(block.parameters()).dtype):
+    with run_in_dtype(block, dtype if calib else next(block.parameters()).dtype) as params:
         rows, packed = compress_block(block, linears, masters, inputs, sweep, device, true_sequential,
-                                      act_device, dtype, moe)
+                                      act_device, dtype, moe, params)
         if calib and propagate:   # the next block reads the compressed block's outputs
             for b, inp in enumerate(inputs):   # one batch at a time: the old states are freed as we go
                 calib.hidden[b] = forward_block(block, inp, device).to(act_device)

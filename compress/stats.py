@@ -11,18 +11,23 @@ import torch
 
 
 class InputStats:
-    """Running count, sum, sum of squares and (optionally) X^T X of rows x in R^d_in.
+    """Running count, sum, sum of squares, sum of magnitudes and (optionally) X^T X of
+    rows x in R^d_in.
 
     n       number of tokens seen
     sum     [d_in]  sum_t x_t                (fp64: long sums of activations)
     sumsq   [d_in]  sum_t x_t^2              (fp64)
+    abssum  [d_in]  sum_t |x_t|              (fp64; AWQ's activation scale)
     xtx     [d_in, d_in] sum_t x_t x_t^T     (fp32; only when a pass needs it)
     """
+
+    abssum: Optional[torch.Tensor] = None   # ExpertStats does not collect it
 
     def __init__(self, d_in: int, want_xtx: bool, device: torch.device):
         self.n = 0
         self.sum = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.sumsq = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.abssum = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.xtx: Optional[torch.Tensor] = (
             torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if want_xtx else None)
 
@@ -42,6 +47,7 @@ class InputStats:
         # Per-batch sums in fp32 (fast), accumulated across batches in fp64.
         self.sum += xf.sum(0).double()
         self.sumsq += xf.square().sum(0).double()
+        self.abssum += xf.abs().sum(0).double()
         if self.xtx is None:
             return
         if x.dtype == torch.bfloat16:
@@ -60,6 +66,13 @@ class InputStats:
     def mean(self) -> torch.Tensor:
         """E[x_j], [d_in] fp32."""
         return (self.sum / self.count(1)).float()
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        """E[|x_j|], [d_in] fp32 (AWQ's per-channel activation magnitude)."""
+        if self.abssum is None:
+            raise RuntimeError("sum |x| is not collected for these statistics")
+        return (self.abssum / self.count(1)).float()
 
     @property
     def var(self) -> torch.Tensor:

@@ -79,7 +79,17 @@ ALL_KEYS = {"model", "dtype", "calib", "passes", "runner", "eval", "output", "so
             "path", "field", "data_dir", "split", "batch_size", "true_sequential", "device", "compute_dtype",
             "dataset", "max_windows", "compare", "dir", "format", "fold", "sparse_format", "gguf_type", "sparsity",
             "pattern", "scope", "targets", "ignore", "bits", "group_size", "symmetric", "method", "act_order",
-            "static_groups", "percdamp", "blocksize", "clip", "true_sequential", "mse", "damp", "hessian_fit"}
+            "static_groups", "percdamp", "blocksize", "clip", "true_sequential", "mse", "damp", "hessian_fit",
+            "n_grid", "clip_grid", "max_shrink", "clip_ignore"}
+# awq's fields, on BASE with an awq pass between wanda and quant (passes.1.awq)
+AWQ_BAD_VALUES = [
+    ("n_grid", below(1)), ("clip_grid", below(1)), ("clip", not_bool),
+    ("max_shrink", st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-9), st.text(max_size=5), st.booleans())),
+    ("bits", st.one_of(st.integers(max_value=1), st.integers(min_value=9), not_int)),
+    ("group_size", st.one_of(st.integers(max_value=0), st.text(max_size=4).filter(lambda s: s != "channel"),
+                             st.booleans())),
+    ("clip_ignore", st.one_of(st.text(max_size=5), st.integers(), st.just(["("]))),
+]
 
 
 def _get(d, path):
@@ -99,6 +109,13 @@ def with_unknown_key(section: str, key: str, value):
     r = copy.deepcopy(BASE)
     target = _get(r, section.split(".")) if section else r
     target[key] = value
+    return yaml.safe_dump(r)
+
+
+def with_awq(args: dict):
+    """BASE with an awq pass of `args` before quant."""
+    r = copy.deepcopy(BASE)
+    r["passes"].insert(1, {"awq": args})
     return yaml.safe_dump(r)
 
 
@@ -128,7 +145,10 @@ bad_recipes = st.one_of(
     st.builds(with_unknown_key, st.sampled_from(SECTIONS), identifier.filter(lambda k: k not in ALL_KEYS),
               st.integers()),
     identifier.filter(lambda n: n not in {"magnitude", "wanda", "sparsegpt", "quant", "dsnot", "armor", "gqsa",
-                                          "perp"}).map(unknown_pass),
+                                          "perp", "awq"}).map(unknown_pass),
+    st.sampled_from(AWQ_BAD_VALUES).flatmap(lambda kv: kv[1].map(lambda v: with_awq({kv[0]: v}))),
+    identifier.filter(lambda k: k not in ALL_KEYS).map(lambda k: with_awq({k: 1})),
+    st.just(None).map(lambda _: yaml.safe_dump({**BASE, "passes": [{"awq": {}}]})),   # no quant after awq
     st.builds(broken_yaml, st.integers(0, 400),
               st.sampled_from([": [", "\t- {", "]]", "&a *b", "'", ": : :", "{x"])).filter(unparsable),
     st.text(max_size=40),

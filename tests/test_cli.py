@@ -116,7 +116,7 @@ def test_export_command_and_recipe_output_format(tmp_path, tiny_dir, corpus):
 
 
 BAD = [
-    ({"passes": [{"prune": {}}]}, "unknown pass 'prune'; valid passes: armor, dsnot, gqsa, magnitude, perp, quant, sparsegpt, wanda"),
+    ({"passes": [{"prune": {}}]}, "unknown pass 'prune'; valid passes: armor, awq, dsnot, gqsa, magnitude, perp, quant, sparsegpt, wanda"),
     ({"passes": [{"wanda": {}}, {"perp": {"train": ["weights"]}}]}, "perp.train: expected a non-empty list of bias"),
     ({"passes": [{"wanda": {}}, {"perp": {"data": {"source": "c5"}}}]}, "perp.data.source: expected one of"),
     ({"passes": [{"wanda": {"sparsity": 1.5}}]}, "wanda.sparsity: expected a number in [0, 1)"),

@@ -28,6 +28,7 @@ PASSES = {
     "perp": [{"wanda": {"pattern": "2:4"}},
              {"perp": {"mode": "reconstruct", "train": ["masklora"], "rank": 4, "steps": 10, "lr": 1e-2}}],
     "sparsegpt_gptq": [{"sparsegpt": {"pattern": "2:4"}}, {"quant": {"bits": 4, "group_size": 32}}],
+    "awq_rtn": [{"awq": {}}, {"quant": {"method": "rtn", "bits": 4, "group_size": 32}}],
 }
 
 

@@ -8,3 +8,4 @@ from compress.passes.armor import Armor, ArmorConfig  # noqa: F401
 from compress.passes.quant import Quant, QuantConfig  # noqa: F401
 from compress.passes.gqsa import GQSA, GQSAConfig  # noqa: F401
 from compress.passes.perp import Perp, PerpConfig  # noqa: F401
+from compress.passes.awq import AWQ, AWQConfig  # noqa: F401
