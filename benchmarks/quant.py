@@ -58,6 +58,10 @@ ROWS = {  # key: (label, passes)
     "rtn_mxfp4": ("RTN MXFP4", [{"quant": {"format": "mxfp4", "method": "rtn"}}]),
     "gptq_mxfp4": ("GPTQ MXFP4", [{"quant": {"format": "mxfp4", "method": "gptq"}}]),
     "fp8": ("FP8 (E4M3, per channel, RTN)", [{"quant": {"format": "fp8", "method": "rtn"}}]),
+    # RTN without the clip search: llm-compressor's min-max RTN, whose weights these equal bit for bit
+    "rtn_nvfp4_minmax": ("RTN NVFP4, min-max", [{"quant": {"format": "nvfp4", "method": "rtn", "clip_search": False}}]),
+    "rtn_mxfp4_minmax": ("RTN MXFP4, min-max", [{"quant": {"format": "mxfp4", "method": "rtn", "clip_search": False}}]),
+    "fp8_minmax": ("FP8, min-max", [{"quant": {"format": "fp8", "method": "rtn", "clip_search": False}}]),
     "awq4": ("AWQ W4 g64", [{"awq": {}}, _q(4, "rtn")]),
     "awq_gptq4": ("AWQ + GPTQ W4 g64", [{"awq": {}}, _q(4, "gptq")]),
     "sgpt24_gptq_nvfp4": ("SparseGPT 2:4 + GPTQ NVFP4", [SGPT24, {"quant": {"format": "nvfp4", "method": "gptq"}}]),

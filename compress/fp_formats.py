@@ -25,10 +25,10 @@ against the rounded scale (not rounded after the fact):
   e + 1, so that it is not clipped from about 7 down to 6 (compressed-tensors' rule).
 - FP8: s = max|w_row| / 448, in fp32.
 
-With `clip_search`, each group (row for fp8) tries shrinking its range by p in
-1, 1 - 1/grid, ..., 1 - maxshrink before the scale is rounded, and keeps the p with the
-least sum |w - w_hat|^2.4 (compress.quantize's search, on these grids); MXFP4 tries its
-two exponents e and e + 1 instead. Zero is exact on every grid (u = 0), which keeps a
+With `clip_search`, each group (row for fp8) also tries smaller scales and keeps the
+one with the least sum |w - w_hat|^2.4 (compress.quantize's criterion): NVFP4 the eight
+E4M3 values below its min-max scale (every distinct rounded scale a shrink down to 1/2
+gives), FP8 the shrinks 0.99 ... 0.90; MXFP4 its two exponents e and e + 1. Zero is exact on every grid (u = 0), which keeps a
 pruned weight zero. Every format is symmetric and fits its groups up front (GPTQ's
 static groups: NVFP4's global scale needs the whole tensor).
 """
@@ -77,7 +77,6 @@ class FPSpec:
     fmt: str = "nvfp4"
     clip_search: bool = False
     clip_grid: int = 100
-    clip_maxshrink: float = 0.8
     global_amax: Optional[float] = None   # nvfp4: the range its global scale covers (None: the tensor's)
     static_only = True
     symmetric = True
@@ -96,7 +95,7 @@ class FPSpec:
 
     @property
     def candidates(self) -> int:
-        return 2 if self.fmt == "mxfp4" else int(self.clip_maxshrink * self.clip_grid)
+        return {"mxfp4": 2, "nvfp4": 9, "fp8": 11}[self.fmt]
 
     def group(self, d_in: int) -> int:
         return d_in if self.group_size is None else self.group_size
@@ -133,15 +132,26 @@ class FPSpec:
             return torch.where(amax > 0, torch.exp2(e.clamp(-127, 127)), torch.zeros_like(amax))
         return amax / E4M3_MAX
 
+    def _tries(self, amax, raw) -> list:
+        """The clip search's candidate scales: MXFP4's next exponent; NVFP4's E4M3 scales
+        1 .. 8 steps below the min-max one (an octave: every distinct rounded scale a
+        shrink down to 1/2 could give); FP8's shrinks 1 - i/grid, i = 1 .. 10."""
+        if self.fmt == "mxfp4":
+            return [self._scale(amax, raw, up=1)]
+        if self.fmt == "nvfp4":
+            g = raw["global_scale"][..., None]
+            bits = e4m3(amax / E2M1_MAX * g).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int16)
+            return [(bits - j).clamp(min=0).to(torch.uint8).view(torch.float8_e4m3fn).float() / g
+                    for j in range(1, 9)]
+        return [self._scale(amax * (1 - i / self.clip_grid), raw) for i in range(1, 11)]
+
     def _search(self, w, amax, scale, raw) -> torch.Tensor:
         """The scale of least sum |w - w_hat|^2.4 per group over the candidates."""
         def err(s):
             d = self.dequantize(self.quantize(w, s[..., None], 0), s[..., None], 0) - w
             return d.abs().pow(2.4).sum(-1)
         best = err(scale)
-        tries = [self._scale(amax, raw, up=1)] if self.fmt == "mxfp4" else \
-            [self._scale(amax * (1 - i / self.clip_grid), raw) for i in range(1, self.candidates + 1)]
-        for s in tries:
+        for s in self._tries(amax, raw):
             e = err(s)
             better = e < best
             best, scale = torch.where(better, e, best), torch.where(better, s, scale)
