@@ -25,8 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import compress  # noqa: E402
 import compress.runner as runner  # noqa: E402
+from decode_speed import random_llama  # noqa: E402
 
 LLMCOMPRESSOR_LLAMA3_8B_GPTQ_S = 745   # llm-compressor's published GPTQ W4A16 time, Llama-3-8B, one GPU
 PASSES = [{"sparsegpt": {"pattern": "2:4"}}, {"quant": {"bits": 4, "group_size": 128, "method": "gptq"}}]
@@ -44,16 +47,7 @@ def llama3_config(blocks: int, small: bool):
 
 def build(config, device: torch.device, dtype: torch.dtype):
     """A random LlamaForCausalLM in `dtype`, initialised on `device`, returned on the CPU."""
-    from transformers import LlamaForCausalLM
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(old)
-    return model.to("cpu")
+    return random_llama(config, device, dtype).to("cpu")
 
 
 def timed_blocks(times: list):

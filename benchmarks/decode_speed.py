@@ -48,18 +48,23 @@ SIZES = {"layers": (32, 2, "decoder layers"), "new_tokens": (128, 8, "decode ste
          "prompt": (128, 16, "prompt tokens before decoding"), "prefill": (2048, 128, "tokens of the timed prefill")}
 
 
-def build(config, variant: str, device, dtype, group: int = 128):
-    """A random LlamaForCausalLM made on `device` in `dtype`, each decoder linear in `variant`
-    (masked, quantized and packed where it lies: on the GPU), deploy()ed -> (model, kernel counts)."""
+def random_llama(config, device, dtype):
+    """A random LlamaForCausalLM of `config`, initialised on `device` in `dtype` (seed 0)."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config).eval()
+            return LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(old)
+
+
+def build(config, variant: str, device, dtype, group: int = 128):
+    """A random LlamaForCausalLM made on `device` in `dtype`, each decoder linear in `variant`
+    (masked, quantized and packed where it lies: on the GPU), deploy()ed -> (model, kernel counts)."""
+    model = random_llama(config, device, dtype)
     layers = model.model.layers
     for name, lin in list(layers.named_modules()) if variant != "dense" else []:
         if type(lin) is not nn.Linear:

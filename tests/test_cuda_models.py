@@ -21,6 +21,7 @@ import yaml
 from archs import ids as arch_ids
 from archs import tiny
 from helpers import correlated_inputs
+from test_cli import tiny_dir  # noqa: F401  (the CLI tests' saved tiny model folder)
 from test_kernels import rel
 
 import compress
@@ -92,14 +93,6 @@ def test_load_on_the_device_matches_the_cpu_load(kind, cuda_device, rehearsal, t
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-@pytest.fixture
-def tiny_dir(tmp_path, tiny_llama, tiny_tokenizer):
-    d = tmp_path / "tiny"
-    tiny_llama.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
-
 
 @pytest.fixture
 def text_dir(tmp_path):
