@@ -59,6 +59,19 @@ Things done to keep llm-compressor's run equivalent to ours
   library default ``targets=["Linear"]`` the (tied) ``lm_head`` would be
   pruned too, which would also zero the input embedding.
 * No ``output_dir``/``log_dir`` is given, so llm-compressor saves nothing.
+
+OWL (``--owl M,LAMBDA``) and two bugs of llm-compressor 0.14
+------------------------------------------------------------
+``sparsity_profile="owl"`` fails in 0.14 before any pruning: ``_get_activations``
+runs ``run_calibration`` from inside ``on_initialize``, whose lifecycle callbacks
+raise "Cannot invoke event before initializing". Had it run, the per-decoder-layer
+dict it returns would reach the pruning as a whole dict (``on_calibration_start``
+only unpacks a list). So this script keeps llm-compressor's own OWL math
+(``_infer_owl_layer_sparsity``: the Wanda metric, the outlier ratios, the lambda
+scaling) and replaces the two broken pieces: the activations are collected by the
+same hooks (``1/nsamples * ||x||_2`` per calibration sample, summed) over a plain
+forward of each sample, and the dict becomes the list, in layer order, that the
+modifier takes.
 """
 
 from __future__ import annotations
@@ -98,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SparseGPT column block size")
     p.add_argument("--dampening-frac", type=float, default=0.01,
                    help="SparseGPT Hessian dampening, fraction of mean diag(H)")
+    p.add_argument("--owl", default=None, metavar="M,LAMBDA",
+                   help="OWL layer-wise sparsity (sparsity_profile='owl', owl_m, owl_lmbda)")
     args = p.parse_args(argv)
     if args.pattern != "unstructured" and args.sparsity != 0.5:
         p.error("N:M patterns 2:4 and 4:8 imply sparsity 0.5")
@@ -148,7 +163,12 @@ def decoder_linears(model) -> dict[str, torch.nn.Linear]:
 def build_recipe(args: argparse.Namespace, decoder_cls: str):
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
+    owl = {}
+    if args.owl:
+        m, lam = args.owl.split(",")
+        owl = dict(sparsity_profile="owl", owl_m=int(float(m)), owl_lmbda=float(lam))
     common = dict(
+        **owl,
         sparsity=args.sparsity,
         mask_structure=PATTERNS[args.pattern],
         # Prune the Linear layers of each decoder block (not lm_head).
@@ -158,6 +178,33 @@ def build_recipe(args: argparse.Namespace, decoder_cls: str):
         return [WandaPruningModifier(**common)]
     return [SparseGPTModifier(**common, block_size=args.block_size,
                               dampening_frac=args.dampening_frac)]
+
+
+def patch_owl(ids: torch.Tensor) -> None:
+    """Work around llm-compressor 0.14's OWL bugs (module docstring), keeping its math."""
+    from functools import partial
+
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
+
+    def get_activations(self, model, dataloader, nsamples=128):
+        acts: dict = {}
+
+        def save(_module, inputs, name):   # the library's own accumulation, per sample
+            x = inputs[0] if isinstance(inputs, tuple) else inputs
+            acts[name] = acts.get(name, 0) + 1.0 / nsamples * x.pow(2).sum(dim=(0, 1)).sqrt()
+
+        hooks = [mod.register_forward_pre_hook(partial(save, name=name)) for name, mod in model.named_modules()
+                 if isinstance(mod, torch.nn.Linear) and "lm_head" not in name]
+        with torch.no_grad():
+            for row in ids:
+                model(row[None])
+        for h in hooks:
+            h.remove()
+        return acts
+
+    infer = SparsityModifierBase._infer_owl_layer_sparsity
+    SparsityModifierBase._get_activations = get_activations
+    SparsityModifierBase._infer_owl_layer_sparsity = lambda self, *a: list(infer(self, *a).values())
 
 
 def peak_rss_kib() -> int:
@@ -192,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             "attention_mask": torch.ones_like(ids).tolist(),
         })
         recipe = build_recipe(args, decoder_cls)
+        if args.owl:
+            patch_owl(ids)
 
         start, cpu_start = time.perf_counter(), time.process_time()
         model = oneshot(
@@ -241,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         "llmcompressor": getattr(llmcompressor, "__version__", None)
         or importlib.metadata.version("llmcompressor"),
         "measured_sparsity": zeros / total,
+        "owl": args.owl,
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

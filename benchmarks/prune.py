@@ -12,7 +12,10 @@ weights each side saved.
 
     python benchmarks/prune.py [--data-dir ../shared/data] [--nsamples 128] [--windows 64]
                                [--methods magnitude,wanda,sparsegpt] [--settings 50%,4:8,2:4]
-                               [--no-peer] [--peer-python PATH] [--markdown FILE]
+                               [--no-peer] [--peer-python PATH] [--markdown FILE] [--allocation]
+
+--allocation prints issue 23's table instead (benchmarks/prune_allocation.py): uniform,
+OWL and budget sparsity allocations, with llm-compressor's OWL in the same run.
 """
 from __future__ import annotations
 
@@ -32,12 +35,15 @@ SETTINGS = {"50%": ("unstructured", 0.5), "60%": ("unstructured", 0.6), "70%": (
             "4:8": ("4:8", 0.5), "2:4": ("2:4", 0.5)}
 
 
-def sweep_of(method: str, setting: str) -> list:
+def sweep_of(method: str, setting: str, allocation: str = "uniform") -> list:
     """Recipe passes of a table row: "wanda" or a chain such as "wanda+dsnot" (the later
-    passes take their defaults; DSnoT keeps the pruning pass's pattern)."""
+    passes take their defaults; DSnoT keeps the pruning pass's pattern), with the
+    pruning pass's sparsity allocation (--allocation: OWL at its defaults M 5, lambda 0.08)."""
     pattern, sparsity = SETTINGS[setting]
     first, *rest = method.split("+")
     cfg = {"sparsity": sparsity} if pattern == "unstructured" else {"pattern": pattern}
+    if allocation != "uniform":
+        cfg["allocation"] = allocation
     return [{first: cfg}] + [{p: {}} for p in rest]
 
 
@@ -51,10 +57,12 @@ def worker_ours(args) -> None:
     model, _ = load_model("smollm2-135m")
     ids = torch.load(args.calib)
     t0 = time.perf_counter()
-    compress.run(model, sweep_of(args.method, args.setting), calib=ids, batch_size=args.batch_size)
+    _, report = compress.run(model, sweep_of(args.method, args.setting, args.alloc), calib=ids,
+                             batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
     weights = {k: v.contiguous() for k, v in model.state_dict().items() if ".layers." in k and k.endswith("proj.weight")}
-    save_worker_output(Path(args.out), weights, {"seconds": seconds})
+    blocks = {k: {b: v["sparsity"] for b, v in e["blocks"].items()} for k, e in (report["allocation"] or {}).items()}
+    save_worker_output(Path(args.out), weights, {"seconds": seconds, "allocation": blocks})
 
 
 def save_worker_output(out: Path, weights: dict, result: dict) -> None:
@@ -88,15 +96,16 @@ def run_worker(cmd: list, out: Path, label: str) -> dict:
     return row
 
 
-def run_row(impl: str, method: str, setting: str, work: Path, a) -> dict:
-    out = work / f"{impl}-{method}-{setting.replace(':', 'of').replace('%', '')}"
+def run_row(impl: str, method: str, setting: str, work: Path, a, alloc: str = "uniform") -> dict:
+    out = work / f"{impl}-{method}-{setting.replace(':', 'of').replace('%', '')}{'' if alloc == 'uniform' else '-' + alloc}"
     if impl == "ours":
-        cmd = [sys.executable, __file__, "--worker", "--method", method, "--setting", setting,
+        cmd = [sys.executable, __file__, "--worker", "--method", method, "--setting", setting, "--alloc", alloc,
                "--calib", str(work / "calib.pt"), "--out", str(out), "--batch-size", str(a.batch_size)]
     else:
         pattern, sparsity = SETTINGS[setting]
         cmd = [a.peer_python, str(HERE / "peer_llmcompressor.py"), "--method", method, "--sparsity", str(sparsity),
                "--pattern", pattern, "--calib", str(work / "calib.pt"), "--out", str(out)]
+        cmd += ["--owl", "5,0.08"] if alloc == "owl" else []
     return run_worker(cmd, out, f"{impl} {method} {setting}")
 
 
@@ -145,33 +154,48 @@ def prepare(a, work: Path):
     return model, windows, dense_state
 
 
+def start(a) -> tuple:
+    """The work folder, `prepare`'s (model, windows, dense state), and llm-compressor's
+    venv built unless --no-peer or --peer-python."""
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(a, work)
+    if not a.no_peer and not a.peer_python:
+        setup = subprocess.run(["bash", str(HERE / "setup_peer.sh")], capture_output=True, text=True, check=True)
+        a.peer_python = setup.stdout.strip().splitlines()[-1]
+    return work, prepared
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method"), ap.add_argument("--setting"), ap.add_argument("--calib"), ap.add_argument("--out")
+    ap.add_argument("--alloc", default="uniform", help=argparse.SUPPRESS)
+    ap.add_argument("--allocation", action="store_true",
+                    help="the allocation table instead (issue 23): uniform, OWL (ours and llm-compressor's), budget; "
+                         "default methods wanda,sparsegpt,wanda+dsnot and settings 60%%,70%% (DSnoT at 70%% only)")
     ap.add_argument("--data-dir", default=os.environ.get("COMPRESS_DATA_DIR"))
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
-    ap.add_argument("--settings", default="50%,4:8,2:4")
+    ap.add_argument("--methods", default=None, help="default magnitude,wanda,sparsegpt")
+    ap.add_argument("--settings", default=None, help="default 50%%,4:8,2:4")
     ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     ap.add_argument("--peer-python", default=None, help="python of llm-compressor's venv (default: build it)")
     ap.add_argument("--work", default=str(HERE / ".cache" / "prune"))
     ap.add_argument("--markdown", help="also write the table to this file")
+    ap.add_argument("--reuse", action="store_true", help="--allocation: take the runs already in WORK/allocation.json")
     a = ap.parse_args()
     if a.worker:
         return worker_ours(a)
+    if a.allocation:
+        import prune_allocation
+        return prune_allocation.main(a)
+    a.methods, a.settings = a.methods or "magnitude,wanda,sparsegpt", a.settings or "50%,4:8,2:4"
     import torch
 
-    work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
-    model, windows, dense_state = prepare(a, work)
-    if not a.no_peer and not a.peer_python:
-        setup = subprocess.run(["bash", str(HERE / "setup_peer.sh")], capture_output=True, text=True, check=True)
-        a.peer_python = setup.stdout.strip().splitlines()[-1]
-
+    work, (model, windows, dense_state) = start(a)
     rows = [{"method": "dense", "setting": "—", "ours": {"ppl": perplexity(model, dense_state, None, windows)}}]
     print(f"dense ppl {rows[0]['ours']['ppl']:.2f}", flush=True)
     for setting in a.settings.split(","):

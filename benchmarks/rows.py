@@ -184,6 +184,8 @@ def main(suite) -> None:
     ap.add_argument("--markdown", help="also write the output (note, table, targets) to this file")
     ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor (suites with PEER)")
     ap.add_argument("--peer-python", default=None, help="python of llm-compressor's venv (default: build it)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take rows already in WORK/rows.json (same protocol) instead of running them again")
     a = ap.parse_args()
     if a.worker:
         return worker(suite, a)
@@ -199,9 +201,17 @@ def main(suite) -> None:
     for k, why in skip.items():
         print(f"row {k} will fail: {why}", flush=True)
     model, windows, dense_state = prepare(a, work)
+    protocol = {"nsamples": a.nsamples, "seqlen": a.seqlen, "windows": int(windows.shape[0])}
+    saved = json.loads((work / "rows.json").read_text()) if (work / "rows.json").exists() else {}
+    if saved.get("protocol") != protocol:
+        saved = {"protocol": protocol, "rows": {}}
     rows: dict = {}
     for key in keys:
         label, passes = ROWS[key]
+        if a.reuse and "ppl" in saved["rows"].get(key, {}):
+            rows[key] = saved["rows"][key]
+            print(f"{key:13s} reused from {work / 'rows.json'}", flush=True)
+            continue
         if key == "dense":
             r = {**dense_row(model), "ppl": perplexity(model, dense_state, None, windows)}
         elif key in skip:
@@ -219,12 +229,13 @@ def main(suite) -> None:
         if key in getattr(suite, "PEER", {}) and not a.no_peer:
             r.update(run_peer(suite, key, work, a, model, dense_state, windows))
         rows[key] = r
+        saved["rows"][key] = {k: v for k, v in r.items() if k != "weights"}
+        (work / "rows.json").write_text(json.dumps(saved, indent=2))  # after every row: a crash keeps the rest
         if "error" in r:
             print(f"{key:13s} FAILED: {r['error']}", flush=True)
         else:
             print(f"{key:13s} ppl {r['ppl']:8.2f}  {r.get('seconds', 0):6.1f} s  {r.get('peak_rss_mib', 0):5.0f} MiB  "
                   f"{r['bits_per_weight']:6.3f} bits/w  zeros {r['zeros']:.4f}", flush=True)
-    (work / "rows.json").write_text(json.dumps(rows, indent=2))
     text = (f"SmolLM2-135M; calibration {a.nsamples} x {a.seqlen} C4 train tokens, seed 0; WikiText-2 test, "
             f"seqlen 512, {windows.shape[0]} windows; {os.cpu_count()} CPU cores; torch {torch.__version__}\n\n"
             f"{suite.NOTE}\n\n{table(suite, rows)}\n\n{targets(suite, rows)}")

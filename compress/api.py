@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from compress import dist
+from compress import dist, survey
 from compress.block import MoEOptions
 from compress.config import build_config
 from compress.coverage import coverage, inventory, log_coverage
@@ -166,6 +166,22 @@ def restore(model, plan: list, state) -> tuple[list, dict]:
     return layers, training
 
 
+def allocate(model, configs: list[PassConfig], ids, state, **kw) -> dict:
+    """Non-uniform sparsity allocations (compress.survey), measured on the dense model
+    before the first sweep; a resumed run takes the ones it saved instead."""
+    if not survey.wants(configs):
+        return {}
+    saved = state.path / "allocation.json" if state is not None else None
+    if saved is not None and saved.is_file():
+        section = json.loads(saved.read_text())
+        survey.restore(configs, section)
+        return section
+    section = survey.survey(model, configs, ids, **kw)
+    if saved is not None and dist.rank() == 0:
+        saved.write_text(json.dumps(section))
+    return section
+
+
 def calibration(model, calib, tokenizer, calib_config) -> tuple:
     """(calibration config or None, token ids [nsamples, seqlen]) of `run`'s calib argument."""
     if isinstance(calib, torch.Tensor):
@@ -207,6 +223,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
     t0 = time.perf_counter()
     device, dtype = resolve(device, getattr(torch, compute_dtype) if compute_dtype else None, model)
     plan = stages(configs)
+    allocation = allocate(model, configs, ids, state, device=device, batch_size=batch_size, compute_dtype=dtype, moe=moe)
     layers, training = restore(model, plan, state) if state is not None else ([], {})
     for s, stage in enumerate(plan):
         if state is not None and state.is_done(s):
@@ -231,6 +248,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         "summary": {"layers": len({r["layer"] for r in layers}), **sparsity,
                     "seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib(), 1)},
         "coverage": section,
+        "allocation": allocation or None,
         "layers": layers,
         "training": training or None,
         "versions": versions(),

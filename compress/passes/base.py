@@ -16,7 +16,6 @@ from typing import Callable, Optional
 import torch
 
 from compress.errors import CompressError
-from compress.masks import check_nm_fits, nm_mask, topk_mask
 from compress.stats import InputStats
 
 
@@ -204,89 +203,3 @@ def make_config(name: str, args: Optional[dict]) -> PassConfig:
 
 def pass_fn(cfg: PassConfig) -> PassFn:
     return REGISTRY[cfg.name][1]
-
-
-# ----------------------------------------------------------------------------- sparsity
-
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-def parse_pattern(pattern: str, field_name: str) -> Optional[tuple[int, int]]:
-    """'unstructured' -> None; 'N:M' -> (N, M): keep at most N of every M consecutive
-    inputs (NVIDIA's convention: 2:4 keeps 2 of 4)."""
-    if pattern == "unstructured":
-        return None
-    m = _NM.match(str(pattern))
-    if not m or not (0 < int(m.group(1)) < int(m.group(2))):
-        raise CompressError(f"{field_name}: expected 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-@dataclass
-class SparsityConfig(PassConfig):
-    """Shared fields of the pruning passes.
-
-    sparsity  fraction of weights set to zero, in [0, 1); with an N:M pattern it is
-              1 - N/M and may be left out.
-    pattern   'unstructured' or 'N:M' (keep N of every M consecutive inputs).
-    scope     'row' ranks weights within each output row (Wanda's comparison group),
-              'layer' ranks the whole matrix at once (unstructured only: an N:M
-              pattern always ranks within its groups of M inputs of a row). Left out:
-              the pass's own default (`default_scope`).
-    """
-
-    sparsity: Optional[float] = None
-    pattern: str = "unstructured"
-    scope: Optional[str] = None
-
-    default_scope = "row"   # class-level: the scope when the recipe sets none
-
-    def validate(self) -> None:
-        super().validate()
-        nm = parse_pattern(self.pattern, f"{self.name}.pattern")
-        if self.sparsity is not None:
-            if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
-                raise CompressError(f"{self.name}.sparsity: expected a number in [0, 1), got {self.sparsity!r}")
-            if nm and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-                raise CompressError(
-                    f"{self.name}.sparsity: pattern {self.pattern} fixes sparsity at {1 - nm[0] / nm[1]:g}, got {self.sparsity}")
-        if self.scope is not None and self.scope not in ("row", "layer"):
-            raise CompressError(f"{self.name}.scope: expected 'row' or 'layer', got {self.scope!r}")
-        if nm and self.scope == "layer":
-            raise CompressError(f"{self.name}.scope: pattern {self.pattern} ranks within groups of {nm[1]} inputs "
-                                f"of a row; scope 'layer' is for unstructured sparsity only")
-
-    @property
-    def nm(self) -> Optional[tuple[int, int]]:
-        return parse_pattern(self.pattern, f"{self.name}.pattern")
-
-    @property
-    def rank_scope(self) -> str:
-        """The scope pruning ranks in: the recipe's, else the pass's default; 'row' for
-        an N:M pattern, whose groups lie within a row."""
-        return "row" if self.nm else self.scope or self.default_scope
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "scope": self.rank_scope}   # the resolved recipe names the scope used
-
-    def check_layer(self, name: str, out: int, d_in: int) -> None:
-        if self.nm:
-            check_nm_fits(name, d_in, self.nm)
-
-    @property
-    def target_sparsity(self) -> float:
-        nm = self.nm
-        if nm:
-            return 1 - nm[0] / nm[1]
-        return 0.5 if self.sparsity is None else float(self.sparsity)
-
-
-def prune_by_score(score: torch.Tensor, cfg: SparsityConfig, layer: Layer) -> torch.Tensor:
-    """The mask a score implies under the config's pattern (recorded in `layer.nm`).
-    score [out, in], or [E, out, in] for a batch of experts."""
-    nm = cfg.nm
-    if nm:
-        check_nm_fits(layer.name, score.shape[-1], nm)
-        layer.nm = nm
-        return nm_mask(score, *nm)
-    return topk_mask(score, cfg.target_sparsity, cfg.rank_scope)

@@ -39,7 +39,8 @@ import torch
 
 from compress.errors import CompressError
 from compress.masks import check_nm_fits
-from compress.passes.base import Layer, PassConfig, parse_pattern, register
+from compress.passes.base import Layer, PassConfig, register
+from compress.passes.sparsity import parse_pattern
 
 
 @dataclass

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.passes.base import Layer, SparsityConfig, prune_by_score, register
+from compress.passes.base import Layer, register
+from compress.passes.sparsity import SparsityConfig, prune_by_score
 
 
 @dataclass

@@ -27,7 +27,8 @@ import torch
 from compress.errors import CompressError
 from compress.linalg import handle_dead_inputs, inverse_cholesky, sub_blocks
 from compress.masks import check_nm_fits, nm_mask, topk_mask
-from compress.passes.base import Layer, SparsityConfig, register, second_order_cost
+from compress.passes.base import Layer, register, second_order_cost
+from compress.passes.sparsity import SparsityConfig
 
 
 @dataclass
@@ -86,7 +87,7 @@ def sparsegpt(layer: Layer, cfg: SparseGPTConfig) -> None:
         prune = already_zero[..., i1:i2].clone()          # [..., out, b] True = pruned
         if not nm:
             saliency = W1.square() / d.square().unsqueeze(-2)
-            prune |= ~topk_mask(saliency, cfg.target_sparsity, cfg.rank_scope)
+            prune |= ~topk_mask(saliency, cfg.sparsity_for(layer.name), cfg.rank_scope)
         for k1, k2 in sub_blocks(i2 - i1, nm[1] if nm else 1):
             for i in range(k1, k2):
                 if nm and i % nm[1] == 0:
