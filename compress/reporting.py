@@ -71,6 +71,7 @@ def plot_sparsity(report: dict, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     blocks = per_block(report.get("layers") or [])
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 5), dpi=100, sharex=True)
@@ -82,6 +83,7 @@ def plot_sparsity(report: dict, path) -> None:
     ax.legend(fontsize=8)
     ax2.plot(list(blocks), [v[1] for v in blocks.values()], "o-", ms=3, color="C3")
     ax2.set(xlabel="block", ylabel="relative output error", title="mean relative output error of the block's layers")
+    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for a in (ax, ax2):
         a.grid(alpha=0.3)
     fig.tight_layout()

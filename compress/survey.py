@@ -40,11 +40,16 @@ def _grid(cfg) -> torch.Tensor:
 
 
 def influence(inputs: list, outputs: list) -> float:
-    """||h_out - h_in||^2 / ||h_out||^2 over the calibration batches: how much of the
-    residual stream a block rewrites (ShortGPT's block influence, in energy)."""
-    num = sum(float((o.float() - i.hidden.to(o.device).float()).square().sum()) for i, o in zip(inputs, outputs))
-    den = sum(float(o.float().square().sum()) for o in outputs)
-    return num / max(den, 1e-30)
+    """mean over tokens of ||h_out - h_in||^2 / ||h_out||^2: how much of the residual
+    stream a block rewrites (ShortGPT's block influence, in energy). Per token, because
+    the few tokens that carry massive activations would otherwise set every ratio."""
+    num, count = 0.0, 0
+    for i, o in zip(inputs, outputs):
+        o = o.float()
+        d = (o - i.hidden.to(o.device).float()).square().sum(-1)      # [batch, seq]
+        num += float((d / o.square().sum(-1).clamp(min=1e-30)).sum())
+        count += d.numel()
+    return num / max(count, 1)
 
 
 def _measure(cfg, block_name: str, layers: dict, stats: dict, weight: float) -> dict:
