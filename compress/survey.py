@@ -2,9 +2,9 @@
 non-uniform sparsity allocation needs (compress.allocation), before block 0 is pruned.
 
 Each block runs once on its calibration inputs with hooks that collect its linears'
-input norms ||X_j||_2 (no XᵀX); that same forward's outputs are the next block's inputs
-(dense propagation, no second forward), on the first `survey_samples` samples. From the Wanda scores A = |W| ||X|| of the
-layers each pruning pass targets, it keeps a few numbers per block (OWL: the outlier
+input norms ||X_j||_2 (no XᵀX), on the first `survey_samples` samples; that same
+forward's outputs are the next block's inputs (dense propagation, no second forward).
+From the Wanda scores A = |W| ||X|| of the layers each pruning pass targets, it keeps a few numbers per block (OWL: the outlier
 count) or per layer (budget: the error curve on a grid of sparsities), never the
 scores, so its memory is one block's. The allocation is then solved for the whole model
 and set on the pass configs (`SparsityConfig.allocated`).
@@ -19,10 +19,9 @@ from tqdm.auto import tqdm
 from compress import allocation, dist
 from compress.block import MoEOptions, collect_stats, hits
 from compress.capture import capture_inputs
-from compress.experts import ExpertLinear
 from compress.models import find_blocks, get_weight
 from compress.offload import lazy_of
-from compress.runner import _move_all_but, _unreached, all_linears, resolve, run_in_dtype
+from compress.runner import _move_all_but, _unreached, resolve, run_in_dtype, targeted_linears
 
 log = logging.getLogger(__name__)
 GRID = 41   # budget: points of each layer's error curve over target +- budget_spread
@@ -87,15 +86,10 @@ def _solve(cfg, measured: list[dict]) -> dict:
     for (n, m), v in zip(layers, s):
         cfg.allocated[n] = v
         cfg.allocated.update({e: v for e in m["names"][n]})
-    blocks: dict = {}
-    for (n, m), v in zip(layers, s):
-        b = blocks.setdefault(m["block"], {"weights": 0, "pruned": 0.0})
-        b["weights"] += m["sizes"][n]
-        b["pruned"] += v * m["sizes"][n]
-    return {"method": "budget", "budget_spread": cfg.budget_spread,
-            "budget_weight": cfg.budget_weight,
-            "blocks": {k: {"sparsity": b["pruned"] / b["weights"], "influence": m["influence"]}
-                       for (k, b), m in zip(blocks.items(), measured)},
+    share = lambda m: sum(cfg.allocated[n] * k for n, k in m["sizes"].items()) / sum(m["sizes"].values())  # noqa: E731
+    blocks = {m["block"]: {"sparsity": share(m), "influence": m["influence"]} for m in measured}
+    return {"method": "budget", "budget_spread": cfg.budget_spread, "budget_weight": cfg.budget_weight,
+            "blocks": blocks,
             "layers": dict(cfg.allocated)}   # fused experts: each expert by its own name too
 
 
@@ -121,7 +115,7 @@ def survey(model, configs: list, ids: torch.Tensor, *, device=None, batch_size: 
             lazy.load(i)
         block = blocks[i].to(device)
         name = f"{prefix}.{i}"
-        linears = {n: m for n, m in all_linears(block, name, todo).items() if any(hits(n, m, c) for c in todo)}
+        linears = targeted_linears(block, name, todo)
         if not _unreached(calib, i, block, prefix, linears):
             inputs, outs = calib.block(i), []
             with run_in_dtype(block, dtype):
