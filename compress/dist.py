@@ -18,6 +18,7 @@ process group every function here is the one-process identity.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
 import datetime
@@ -76,6 +77,11 @@ def init(device=None) -> bool:
         td.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s()))
     except (RuntimeError, ValueError) as e:
         raise CompressError(f"distributed: could not join the process group ({_first_line(e)})") from None
+    # A group still alive when the interpreter exits lets gloo's threads be torn down as
+    # C++ statics die, which aborts the process now and then ("terminate called without
+    # an active exception"): the Python API leaves the group up for the process's life,
+    # so leave it cleanly at exit.
+    atexit.register(close, True)
     return True
 
 
