@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 
 from compress import dist, survey
-from compress.block import MoEOptions
+from compress.collect import MoEOptions
 from compress.config import build_config
 from compress.coverage import coverage, inventory, log_coverage
 from compress.errors import CompressError

@@ -1,8 +1,8 @@
 """One decoder block's compression: the runner hands it a block on the device and that
 block's calibration inputs; this module does the rest for that block.
 
-1. `collect_stats`: one forward over the calibration batches with hooks that accumulate
-   the statistics of each *distinct* linear input (q/k/v read one tensor: one X^T X).
+1. `collect_stats` (compress.collect): one forward over the calibration batches with
+   hooks that accumulate the statistics of each *distinct* linear input.
 2. The sweep is cut into `segments` after every block pass, so that passes run in
    recipe order. Each segment runs its layer passes on fresh statistics of the block as
    it then stands (`_layer_stage`), then its block pass (GQSA's BQPO, PERP reconstruct),
@@ -24,94 +24,15 @@ from torch import nn
 
 from compress.batch import ExpertLayer, expert_rows, run_on_experts
 from compress.capture import BlockInput, forward_block
+from compress.collect import MoEOptions, collect_stats, input_groups
 from compress.errors import CompressError
 from compress.experts import ExpertLinear
 from compress.models import serving_groups, set_weight
-from compress.parallel import compress_layers, reduce_stats
+from compress.parallel import compress_layers
 from compress.passes.base import BLOCK_FNS, BlockContext, Layer, PassConfig, pass_fn
-from compress.routing import ExpertsObserver
 from compress.stats import InputStats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MoEOptions:
-    """runner.moe_calibration: 'all' (every expert's statistics from every token) or
-    'routed' (from the tokens routed to it); runner.moe_min_tokens: experts that saw
-    fewer tokens are compressed data-free (compress.batch)."""
-
-    calibration: str = "all"
-    min_tokens: int = 16
-
-
-@torch.no_grad()
-def collect_stats(block, linears: dict, inputs: list[BlockInput], want_xtx: bool, device,
-                  max_batches: Optional[int] = None, outputs: Optional[list] = None,
-                  act_device=None, moe: Optional[MoEOptions] = None) -> dict[str, InputStats]:
-    """One forward over the calibration batches with hooks on `linears`.
-
-    Layers that read the very same tensor (q/k/v, gate/up) share one InputStats, so
-    their X^T X is accumulated once. Returns {layer name: stats}; iteration order is
-    the order in which the distinct inputs were first seen (execution order). With
-    `outputs` (a list), the block's outputs are appended to it (on `act_device`).
-    Fused experts (ExpertLinear) get batched ExpertStats from an observer of their
-    module (compress.routing); they follow the linears in the order."""
-    stats: dict[str, InputStats] = {}
-    owner: dict[str, str] = {}
-    seen: list[tuple[torch.Tensor, str]] = []  # first batch only: (input tensor, its owner)
-
-    def make_hook(name):
-        def hook(module, args, out):
-            x = args[0]
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(f"non-finite activations at the input of {name}")
-            if name not in owner:
-                twin = next((o for t, o in seen if t is x), None)
-                owner[name] = twin or name
-                if twin is None:
-                    stats[name] = InputStats(x.shape[-1], want_xtx, x.device)
-                    seen.append((x, name))
-                else:
-                    stats[name] = stats[twin]
-            if owner[name] == name:
-                stats[name].update(x)
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items() if not isinstance(m, ExpertLinear)]
-    observers = _observers(linears, want_xtx, moe or MoEOptions(), device)
-    handles += [ob.ex.module.register_forward_hook(ob.hook, with_kwargs=True) for ob in observers]
-    try:
-        for k, inp in enumerate(inputs[:max_batches]):
-            out = forward_block(block, inp, device)
-            if outputs is not None:
-                outputs.append(out.to(act_device or out.device))
-            seen.clear()  # drop references to the first batch's activations
-    finally:
-        for h in handles:
-            h.remove()
-    for ob in observers:
-        for p, st in ob.stats.items():
-            stats[f"{ob.ex.name}.{p.name}"] = st
-    reduce_stats(stats)   # a distributed run: every rank saw its own shard of the samples
-    return stats
-
-
-def _observers(linears: dict, want_xtx: bool, moe: MoEOptions, device) -> list[ExpertsObserver]:
-    """One observer per experts module among `linears`, for the projections listed."""
-    by: dict[int, list] = {}
-    for m in linears.values():
-        if isinstance(m, ExpertLinear):
-            by.setdefault(id(m.ex), []).append(m)
-    return [ExpertsObserver(ms[0].ex, [m.proj for m in ms], want_xtx, moe.calibration, device) for ms in by.values()]
-
-
-def input_groups(stats: dict[str, InputStats]) -> list[list[str]]:
-    """Layers grouped by shared input, in execution order: qkv -> o -> gate/up -> down."""
-    groups: dict[int, list[str]] = {}
-    for name, s in stats.items():
-        groups.setdefault(id(s), []).append(name)
-    return list(groups.values())
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ against the rounded scale (not rounded after the fact):
 - FP8: s = max|w_row| / 448, in fp32.
 
 With `clip_search`, each group (row for fp8) also tries smaller scales and keeps the
-one with the least sum |w - w_hat|^2.4 (compress.quantize's criterion): NVFP4 the eight
+one with the least sum |w - w_hat|^2.4 (compress.quantize's criterion; under GPTQ's
+`hessian_fit`, sum_j H_jj (w_j - w_hat_j)^2): NVFP4 the eight
 E4M3 values below its min-max scale (every distinct rounded scale a shrink down to 1/2
 gives), FP8 the shrinks 0.99 ... 0.90; MXFP4 its two exponents e and e + 1. Zero is exact on every grid (u = 0), which keeps a
 pruned weight zero. Every format is symmetric and fits its groups up front (GPTQ's
@@ -49,11 +50,21 @@ E4M3_CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.flo
 FORMATS = {"nvfp4": (4, 16, "e4m3"), "mxfp4": (4, 32, "e8m0"), "fp8": (8, None, "fp32")}
 
 
+# The midpoints between E2M1 magnitudes; those that round up (ties to the even mantissa)
+# are moved one fp32 step down, so that "a > bound" counts for every midpoint alike.
+_MIDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+_BOUNDS = torch.where(torch.tensor([False, True, False, True, False, True, False]),
+                      torch.nextafter(_MIDS, torch.tensor(0.0)), _MIDS)
+_ONE_OP = 4096   # up to this many values (a GPTQ column) one bucketize beats seven compares
+
+
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Codes (float-valued, 0..15) of x rounded to E2M1: nearest, ties to the even
     mantissa (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4),
     saturating at 6."""
     a = x.abs()
+    if x.numel() <= _ONE_OP:   # GPTQ calls this once per column: per-call overhead rules
+        return (torch.bucketize(a, _BOUNDS.to(a.device)) + 8 * (x < 0)).float()
     idx = ((a > 0.25).int() + (a >= 0.75).int() + (a > 1.25).int() + (a >= 1.75).int()
            + (a > 2.5).int() + (a >= 3.5).int() + (a > 5.0).int())
     return (idx + 8 * (x < 0).int()).float()
@@ -106,8 +117,8 @@ class FPSpec:
     def fit_raw(self, wg: torch.Tensor, kg: torch.Tensor, imp: Optional[torch.Tensor] = None):
         """Scale and zero (0) [..., out, G] of grouped weights wg, kg [..., out, G, g], and
         what is stored besides: {"global_scale": [..., 1]} for nvfp4, else None. A batch of
-        experts [E, out, G, g] gets a global scale per expert."""
-        assert imp is None, "FPSpec's search weighs every input alike"
+        experts [E, out, G, g] gets a global scale per expert. imp [..., 1, G, g] (GPTQ's
+        H_jj, `hessian_fit`): the clip search weighs input j's squared error by it."""
         w = torch.where(kg, wg, torch.zeros((), dtype=wg.dtype, device=wg.device)).float()
         amax = w.abs().amax(-1)                                               # [..., out, G]
         raw = None
@@ -119,7 +130,7 @@ class FPSpec:
             raw = {"global_scale": gs}
         scale = self._scale(amax, raw)
         if self.clip_search:
-            scale = self._search(w, amax, scale, raw)
+            scale = self._search(w, amax, scale, raw, imp)
         return scale, torch.zeros_like(scale), raw
 
     def _scale(self, amax: torch.Tensor, raw: Optional[dict], up: int = 0) -> torch.Tensor:
@@ -145,11 +156,13 @@ class FPSpec:
                     for j in range(1, 9)]
         return [self._scale(amax * (1 - i / self.clip_grid), raw) for i in range(1, 11)]
 
-    def _search(self, w, amax, scale, raw) -> torch.Tensor:
-        """The scale of least sum |w - w_hat|^2.4 per group over the candidates."""
+    def _search(self, w, amax, scale, raw, imp=None) -> torch.Tensor:
+        """The scale of least sum |w - w_hat|^2.4 per group over the candidates; with imp
+        (H_jj), of least sum_j H_jj (w_j - w_hat_j)^2: the diagonal of GPTQ's objective
+        (w - w_hat) H (w - w_hat)^T, so an input that carries more signal is clipped less."""
         def err(s):
             d = self.dequantize(self.quantize(w, s[..., None], 0), s[..., None], 0) - w
-            return d.abs().pow(2.4).sum(-1)
+            return d.abs().pow(2.4).sum(-1) if imp is None else (imp * d.square()).sum(-1)
         best = err(scale)
         for s in self._tries(amax, raw):
             e = err(s)
@@ -159,20 +172,19 @@ class FPSpec:
 
     def quantize(self, w: torch.Tensor, s: torch.Tensor, z) -> torch.Tensor:
         """Codes (float-valued) of w on scales s broadcast against it; s = 0 gives code 0."""
-        safe = torch.where(s != 0, s, torch.ones_like(s))
-        x = w / safe
+        x = w / s   # inf / nan where s = 0: whatever code they get is replaced by 0 below
         if self.bits == 4:
             u = e2m1_codes(x)
         else:
             u = x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8).float()
-        return torch.where(s != 0, u, torch.zeros_like(u))
+        return torch.where(s != 0, u, 0.0)
 
     def zero_code(self, s: torch.Tensor, z) -> torch.Tensor:
         return torch.zeros_like(s)
 
     def dequantize(self, u: torch.Tensor, s: torch.Tensor, z) -> torch.Tensor:
         table = (E2M1_CODES if self.bits == 4 else E4M3_CODES).to(u.device)
-        return table[u.long()] * s
+        return table.take(u.long()) * s
 
 
 def scale_codes(fmt: str, scale: torch.Tensor, global_scale: Optional[torch.Tensor]) -> torch.Tensor:

@@ -22,6 +22,7 @@ sum |w - w_hat|^2.4 over the kept weights.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,9 +62,8 @@ class QuantSpec:
     # The grid interface RTN, GPTQ and QuantResult use (compress.ggml.GGMLSpec has it too).
     def fit_raw(self, wg: torch.Tensor, kg: torch.Tensor, imp: Optional[torch.Tensor] = None):
         """Scale and zero [..., G] of grouped weights wg, kg [..., G, g]; no stored extras.
-        The integer grid's clip search weighs every input alike: imp must be None."""
-        assert imp is None, "QuantSpec's clip search takes no input weights"
-        return (*fit(wg, kg, self), None)
+        imp [..., 1, G, g] (GPTQ's H_jj, `hessian_fit`) weighs the clip search's errors."""
+        return (*fit(wg, kg, self, imp), None)
 
     def quantize(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return quantize(w, s, z, self.qmax)
@@ -123,42 +123,48 @@ def dequantize(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return (u.float() - zero) * scale
 
 
-def clip_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
+def clip_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
+               imp: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sum_k |w_hat - w|^2.4 per group, [...]: dequantize(quantize(w)) - w in one buffer,
     in place (the search below evaluates it at every shrink over the whole matrix).
     |x|^2.4 as exp(2.4 log|x|): vectorized, twice as fast as pow on CPU, equal to fp32
-    rounding (exp(-inf) = 0 where the error is 0)."""
+    rounding (exp(-inf) = 0 where the error is 0). With imp (H_jj, like w): sum_k
+    imp_k (w_hat - w)_k^2, the diagonal of GPTQ's objective (w - w_hat) H (w - w_hat)^T."""
     s, z = scale[..., None], zero[..., None]
     d = w / s
     d.round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s).sub_(w)
+    if imp is not None:
+        return d.square_().mul_(imp).sum(-1)
     return d.abs_().log_().mul_(2.4).exp_().sum(-1)
 
 
 CLIP_ROWS = 16384   # groups per chunk of the clip search: bounds its temporaries (4 MiB each at k = 64)
 
 
-def fit(w: torch.Tensor, keep: Optional[torch.Tensor], spec: QuantSpec):
+def fit(w: torch.Tensor, keep: Optional[torch.Tensor], spec: QuantSpec, imp: Optional[torch.Tensor] = None):
     """fit_params, with the MSE clipping search when spec.clip_search. w, keep [..., k]
     (one group per row). The error counts the kept weights only: the others are set to 0,
     which every grid stores exactly (its range holds 0), so they add exactly 0. Groups
-    are independent: the search runs on chunks of CLIP_ROWS of them."""
+    are independent: the search runs on chunks of CLIP_ROWS of them. imp (broadcast
+    against w): per-input weights of the search's squared error (clip_error)."""
     w = _kept(w, keep)
     if not spec.clip_search:
         return _params(_range(w, spec), spec, 1.0)
     flat = w.reshape(-1, w.shape[-1])                              # [groups, k]
-    parts = [_clip_search(c, spec) for c in flat.split(CLIP_ROWS)]
+    imps = itertools.repeat(None) if imp is None else imp.float().expand(w.shape).reshape(flat.shape).split(CLIP_ROWS)
+    parts = [_clip_search(c, spec, i) for c, i in zip(flat.split(CLIP_ROWS), imps)]
     return tuple(torch.cat(p).reshape(w.shape[:-1]) for p in zip(*parts))
 
 
-def _clip_search(w: torch.Tensor, spec: QuantSpec):
+def _clip_search(w: torch.Tensor, spec: QuantSpec, imp: Optional[torch.Tensor] = None):
     """Scale and zero point of each group (row of w [n, k]) at the shrink with the least
     clip_error: 1, 1 - 1/grid, ..., 1 - maxshrink."""
     rng = _range(w, spec)
     scale, zero = _params(rng, spec, 1.0)
-    best = clip_error(w, scale, zero, spec.qmax)
+    best = clip_error(w, scale, zero, spec.qmax, imp)
     for i in range(1, int(spec.clip_maxshrink * spec.clip_grid) + 1):
         s, z = _params(rng, spec, 1 - i / spec.clip_grid)
-        e = clip_error(w, s, z, spec.qmax)
+        e = clip_error(w, s, z, spec.qmax, imp)
         better = e < best
         best = torch.where(better, e, best)
         scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)

@@ -23,7 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress import dist
-from compress.block import MoEOptions, compress_block, hits
+from compress.block import compress_block, hits
+from compress.collect import MoEOptions
 from compress.capture import CalibInputs, capture_inputs, forward_block
 from compress.errors import CompressError
 from compress.experts import ExpertLinear, expert_linears

@@ -39,21 +39,35 @@ class InputStats:
     # to inf; fp16 inputs are multiplied in fp32.
     HALF_CHUNK = 256
 
+    # The moments are summed over chunks of this many tokens in one reused fp32 buffer:
+    # whole-batch temporaries (x.float(), x^2, |x|: 25 MB each at 4096 x 1536) land in
+    # fresh pages every batch, and the page faults cost more than the arithmetic.
+    MOMENT_CHUNK = 1024
+
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])          # [tokens, d_in]
-        xf = x.float()                          # exact for bf16 / fp16 inputs
         self.n += x.shape[0]
-        # Per-batch sums in fp32 (fast), accumulated across batches in fp64.
-        self.sum += xf.sum(0).double()
-        self.sumsq += xf.square().sum(0).double()
-        self.abssum += xf.abs().sum(0).double()
+        # Per-batch sums in fp32 (fast; the copy into fp32 is exact for bf16 / fp16),
+        # accumulated across batches in fp64.
+        buf = torch.empty(min(self.MOMENT_CHUNK, x.shape[0]), x.shape[1], dtype=torch.float32, device=x.device)
+        s, sq, ab = (torch.zeros(x.shape[1], dtype=torch.float32, device=x.device) for _ in range(3))
+        for c in x.split(self.MOMENT_CHUNK):
+            b = buf[:c.shape[0]]
+            b.copy_(c)
+            s += b.sum(0)
+            ab += b.abs_().sum(0)
+            sq += b.square_().sum(0)
+        self.sum += s.double()
+        self.sumsq += sq.double()
+        self.abssum += ab.double()
         if self.xtx is None:
             return
         if x.dtype == torch.bfloat16:
             for c in x.split(self.HALF_CHUNK):
                 self.xtx += (c.T @ c).float()
         else:
+            xf = x.float()
             self.xtx.addmm_(xf.T, xf)
 
     # -- derived quantities passes ask for -------------------------------------------

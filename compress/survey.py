@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from compress import allocation, dist
-from compress.block import MoEOptions, collect_stats, hits
+from compress.block import hits
+from compress.collect import MoEOptions, collect_stats
 from compress.capture import capture_inputs
 from compress.models import find_blocks, get_weight
 from compress.offload import lazy_of

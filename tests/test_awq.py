@@ -218,12 +218,14 @@ def test_gptq_after_awq_sees_the_rescaled_inputs(tiny_llama, monkeypatch):
 
 def test_awq_then_gptq_end_to_end_against_gptq_alone(tiny_llama):
     # Calibration output error (relative logit MSE on the calibration ids) on the tiny
-    # Llama with salient channels, W4 g16: GPTQ 0.0068, AWQ + GPTQ 0.0023 (awq does not
-    # clip before GPTQ by default; with clip: true, 0.0058).
+    # Llama with salient channels, W4 g16: GPTQ 0.0068 without hessian_fit, 0.0027 with
+    # it (its clip search weighs the salient inputs by H_jj, part of what AWQ's scales
+    # do); AWQ + GPTQ 0.0024 (awq does not clip before GPTQ by default).
     ids = calib_ids(tiny_llama.config.vocab_size, n=8, seq=32)
     q = {"quant": {"bits": 4, "group_size": 16}}
-    errs = _logit_errors(_salient(tiny_llama), {"gptq": [q], "awq": [{"awq": {}}, q]}, ids)
-    assert errs["awq"] < 0.6 * errs["gptq"], errs
+    plain = {"quant": {"bits": 4, "group_size": 16, "hessian_fit": False}}
+    errs = _logit_errors(_salient(tiny_llama), {"gptq": [q], "plain": [plain], "awq": [{"awq": {}}, q]}, ids)
+    assert errs["awq"] < 0.95 * errs["gptq"] < 0.5 * errs["plain"], errs
 
 
 # ----------------------------------------------------------------------------- skips, refusals

@@ -25,6 +25,19 @@ def test_e2m1_rounds_to_nearest_ties_to_even_and_saturates():
     codes = e2m1_codes(x)
     assert torch.equal(E2M1_CODES[codes.long()], want)
     assert codes[-1] == 8 + 6 and codes[3] == 2            # sign bit 8; 1.0 is magnitude index 2
+    padded = torch.cat([x, torch.zeros(5000)])             # past _ONE_OP: seven compares, not bucketize
+    assert torch.equal(e2m1_codes(padded)[:len(x)], codes)
+
+
+def test_e2m1_one_column_path_equals_the_whole_matrix_path_at_every_midpoint():
+    """Both ways of rounding (one bucketize for a GPTQ column, seven compares for a whole
+    matrix) agree on every midpoint, its fp32 neighbours and a sweep, with either sign."""
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(9.0)), torch.nextafter(mids, torch.tensor(0.0))])
+    x = torch.cat([near, -near, torch.linspace(-8, 8, 20001)])
+    whole = e2m1_codes(x)
+    assert x.numel() > 4096
+    assert torch.equal(torch.cat([e2m1_codes(c) for c in x.split(1000)]), whole)
 
 
 def test_nvfp4_scale_of_a_known_group():

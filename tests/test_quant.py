@@ -253,10 +253,23 @@ def test_gptq_with_identity_hessian_is_rtn(group_size, static_groups, clip_searc
     """Uncorrelated inputs: U is diagonal, no error moves to other columns."""
     W = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
     a = quant_layer(W, hessian_stats(torch.eye(64)), bits=3, group_size=group_size, act_order=False,
-                    static_groups=static_groups, clip_search=clip_search)
+                    static_groups=static_groups, clip_search=clip_search, hessian_fit=False)
     b = quant_layer(W, None, bits=3, group_size=group_size, method="rtn", clip_search=clip_search)
     assert torch.equal(a.packed.codes, b.packed.codes) and torch.equal(a.packed.scale, b.packed.scale)
     assert torch.equal(a.W, b.W)
+
+
+@pytest.mark.parametrize("grid,ratio", [({"bits": 4, "group_size": 64}, 0.95), ({"format": "nvfp4"}, 0.85),
+                                        ({"format": "fp8"}, 0.95)])
+def test_hessian_fit_lowers_gptq_s_output_error_on_every_grid(grid, ratio):
+    """The clip search weighted by H_jj (the diagonal of GPTQ's objective) against
+    sum |w - w_hat|^2.4 over inputs of unequal scales: measured 0.90 (int4 g64), 0.75
+    (NVFP4), 0.89 (FP8) of the output error."""
+    X = correlated_inputs(2048, 256, seed=0)
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(9))
+    err = {hf: output_err(W, quant_layer(W, stats_of(X), method="gptq", hessian_fit=hf, **grid).W, X.T @ X)
+           for hf in (False, True)}
+    assert err[True] < ratio * err[False]
 
 
 GPTQ_VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # (act_order, static_groups)

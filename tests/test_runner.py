@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import compress
-from compress.block import collect_stats, input_groups
+from compress.collect import collect_stats, input_groups
 from compress.capture import capture_inputs
 from compress.errors import CompressError
 from compress.models import block_linears, find_blocks, get_weight
@@ -247,3 +247,35 @@ def test_a_packed_weight_that_is_not_the_propagated_one_is_refused():
     layer.W[0, 0] += 1.0   # a later change the packed codes do not carry
     with pytest.raises(RuntimeError, match="up_proj: the packed weight differs"):
         finish_linear(layer, lin, W.clone(), [])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_activation_names_the_first_layer_that_reads_it(tiny_llama, bad):
+    """A NaN / inf reaching a linear's input stops the sweep there, naming the layer, before
+    any statistic from it is used: here the first block's attention norm emits it."""
+    _, blocks = find_blocks(tiny_llama)
+    with torch.no_grad():
+        blocks[1].post_attention_layernorm.weight[3] = bad
+    with pytest.raises(FloatingPointError, match=r"non-finite activations at the input of model\.layers\.1\.mlp\.gate_proj"):
+        compress.run(tiny_llama, [{"wanda": {"sparsity": 0.5}}], calib=calib_ids(300), batch_size=4)
+
+
+def test_the_statistics_forward_stops_at_the_last_linear_s_input_after_the_first_batch(tiny_llama):
+    """Batch 0 runs the whole block (to learn the order of its linears); later batches stop
+    at down_proj's input: down_proj itself runs once, yet its statistics cover every batch."""
+    _, blocks = find_blocks(tiny_llama)
+    inputs = capture_inputs(tiny_llama, blocks, calib_ids(300, n=12), 4, "cpu", "cpu").block(0)   # 3 batches
+    down, seen, ran = blocks[0].mlp.down_proj, [], []
+    h1 = down.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    stats = collect_stats(blocks[0], block_linears(blocks[0]), inputs, True, "cpu")
+    h2 = down.register_forward_hook(lambda m, a, o: ran.append(1))
+    h1.remove()
+    assert len(seen) == 3 and stats["mlp.down_proj"].n == 12 * 32
+    X = torch.cat(seen)
+    assert torch.allclose(stats["mlp.down_proj"].xtx, X.T @ X, rtol=1e-4, atol=1e-3)
+    collect_stats(blocks[0], block_linears(blocks[0]), inputs, False, "cpu")
+    assert len(ran) == 1                                  # the first batch only
+    outs = []
+    collect_stats(blocks[0], block_linears(blocks[0]), inputs, False, "cpu", outputs=outs)
+    h2.remove()
+    assert len(ran) == 4 and len(outs) == 3               # outputs wanted: every batch runs whole

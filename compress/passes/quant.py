@@ -16,9 +16,8 @@ Group parameters are fitted when the loop reaches a group's first column, on the
 weights as updated so far; under act_order that numbers the groups in processing
 order, so a per-column group index (g_idx) is stored. With
 `static_groups` all group parameters are fitted up front on the original weights
-(contiguous groups, no g_idx, also under act_order). On a llama.cpp block format
-(always static) the fit's least squares weighs input j by H_jj (`hessian_fit`, the
-diagonal of the objective; compress.ggml).
+(contiguous groups, no g_idx, also under act_order), where `hessian_fit` weighs the
+fit's error on input j by H_jj, the diagonal of the objective.
 
 Sparsity-aware: a weight that is already zero (an earlier pass pruned it) is stored
 as the code of 0 and its error is compensated like any other (SparseGPT, Sec. 3.5),
@@ -64,13 +63,10 @@ class QuantConfig(PassConfig):
                 in groups of 16 with E4M3 scales under a global scale, E2M1 in groups of 32
                 with power-of-two scales, or E4M3 per output row; exported as vLLM loads them.
                 group_size and symmetric default to the format's (int: 128, asymmetric).
-    The defaults (act_order, static groups, MSE clipping) measured best on SmolLM2 at
-    3 bits g64: 55.6 perplexity with act_order + clipping against 91.0 for plain GPTQ
-    and 94.9 for RTN (benchmarks/RESULTS.md).
-    hessian_fit GPTQ on a gguf format: fit the blocks' scales with input j weighted by
-                H_jj, the diagonal of GPTQ's objective (what llama.cpp's imatrix
-                estimates), not by ggml's weights from w alone. On SmolLM2 Q4_0 it
-                takes our perplexity from 34.53 to 32.48 (benchmarks/RESULTS.md)
+    hessian_fit GPTQ: the up-front fit (clip search, ggml's least squares) weighs input
+                j's squared error by H_jj, the diagonal of GPTQ's objective (what
+                llama.cpp's imatrix estimates), not every input alike. SmolLM2: Q4_0
+                34.53 -> 32.48 perplexity, NVFP4 34.76 -> 33.09 (benchmarks/RESULTS.md)
     blocksize, percdamp  GPTQ's lazy-update block and damping fraction"""
 
     bits: int = 4
@@ -155,9 +151,8 @@ class QuantConfig(PassConfig):
             raise CompressError(f"{self.name}.format: {name} has {d_in} inputs, not whole groups of {group} "
                                 f"({self.format}); ignore the layer or choose another format")
 
-    # Elementwise operations per weight and clip candidate (scale, round, clamp,
-    # dequantize, |error|^2.4 as exp / log): measured on SmolLM2's layers, the MSE search
-    # costs about as much as GPTQ's column loop.
+    # Elementwise operations per weight and clip candidate (scale, round, clamp, dequantize,
+    # |error|^2.4): on SmolLM2 the MSE search costs about as much as GPTQ's column loop.
     CLIP_OPS = 10
 
     def cost(self, out: int, d_in: int) -> float:
@@ -214,12 +209,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
     g = spec.group(d_in)
     static = static_groups or spec.group_size is None or spec.static_only   # per channel, ggml: up front
     info["dead_inputs"] = handle_dead_inputs(H, W)
-    if static:   # H_jj [..., 1, G, g] weighs the fit of a ggml grid's blocks
-        imp = grouped(H.diagonal(dim1=-2, dim2=-1).unsqueeze(-2), spec) if hessian_fit else None
-        scale, zero, raw = spec.fit_raw(grouped(W, spec), grouped(keep, spec, fill=False), imp)   # [..., out, G]
-    else:
-        scale, raw = W.new_zeros(*W.shape[:-1], spec.n_groups(d_in)), None
-        zero = torch.zeros_like(scale)
+    scale, zero, raw = _group_params(W, H, keep, spec, static, hessian_fit)
     if act_order:   # stable: equal H_jj (white statistics of a rare expert) keep their order
         perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)   # [..., in]
     else:
@@ -240,6 +230,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
         at = gid.unsqueeze(-2).expand(W.shape) if gid.dim() > 1 else gid.expand(W.shape)
         col_scale, col_zero = scale.gather(-1, at), zero.gather(-1, at)
     codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)
+    dense = bool(keep.all())   # nothing pruned: no column needs the code of zero (one op less per column)
     for i1 in range(0, d_in, B):
         i2 = min(i1 + B, d_in)
         W1, K1 = W[..., i1:i2].clone(), keep[..., i1:i2]       # [..., out, b]
@@ -252,7 +243,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
                     scale[..., j // g], zero[..., j // g] = fit(W1[..., i:i + g], K1[..., i:i + g], spec)
                 s, z = ((col_scale[..., j], col_zero[..., j]) if static               # [..., out]
                         else (_group_of(scale, col_group, j), _group_of(zero, col_group, j)))
-                u = torch.where(K1[..., i], spec.quantize(W1[..., i], s, z), spec.zero_code(s, z))
+                u = spec.quantize(W1[..., i], s, z)                                  # [..., out]
+                if not dense:
+                    u = torch.where(K1[..., i], u, spec.zero_code(s, z))
                 err = (W1[..., i] - spec.dequantize(u, s, z)) / U1[..., i, i, None]   # [..., out]
                 W1[..., i:k2] -= err.unsqueeze(-1) * U1[..., i, None, i:k2]
                 Err1[..., i] = err
@@ -262,6 +255,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
     inv = torch.argsort(perm, dim=-1)
     g_idx = None if static or not act_order else gid[inv].to(torch.int32)
     return QuantResult(spec, _columns(codes, inv), scale, zero, g_idx, raw=raw)
+
+
+def _group_params(W, H, keep, spec, static: bool, hessian_fit: bool) -> tuple:
+    """Scale, zero [..., out, G] and stored extras. Static groups: fitted before the loop
+    (hessian_fit: H_jj [..., 1, G, g] weighs the fit's errors); dynamic: zeros to fill."""
+    if not static:
+        scale = W.new_zeros(*W.shape[:-1], spec.n_groups(W.shape[-1]))
+        return scale, torch.zeros_like(scale), None
+    imp = grouped(H.diagonal(dim1=-2, dim2=-1).unsqueeze(-2), spec) if hessian_fit else None
+    return spec.fit_raw(grouped(W, spec), grouped(keep, spec, fill=False), imp)
 
 
 def _columns(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -287,7 +290,7 @@ def quant(layer: Layer, cfg: QuantConfig) -> None:
         H = layer.stats.hessian().to(layer.W.device)
         res = gptq(layer.W, H, keep, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                    act_order=cfg.act_order, static_groups=cfg.static_groups,
-                   hessian_fit=cfg.hessian_fit and isinstance(spec, GGMLSpec), name=layer.name, info=layer.info)
+                   hessian_fit=cfg.hessian_fit, name=layer.name, info=layer.info)
     parts = res.split() if layer.W.dim() == 3 else [res]      # a batch of experts: one result each
     for k, part in enumerate(parts):
         # An exact 2:4 weight (from a 2:4 pass of this sweep or an earlier one) stays 2:4:
