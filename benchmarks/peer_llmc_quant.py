@@ -100,6 +100,12 @@ def main(argv=None) -> None:
     from safetensors.torch import save_file
 
     ids = torch.load(a.calib).long()
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations for faster host-to-GPU copies
+        # (IntermediatesCache.pin_memory); pinning needs an accelerator and raises on a CPU-only
+        # machine. Pinning only speeds up transfers, so without a GPU it is skipped.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     with tempfile.TemporaryDirectory(prefix="peer-llmc-config-") as config_dir:
         model, tokenizer = load_model(config_dir)
         decoder_cls = type(model.model.layers[0]).__name__

@@ -26,7 +26,10 @@ are checked.
 
     python benchmarks/quant.py --data-dir ../shared/data [--nsamples 128] [--windows 64]
                                [--rows dense,rtn4,gptq4,...] [--work DIR] [--markdown FILE]
-                               [--no-peer] [--peer-python PATH]
+                               [--no-peer] [--peer-python PATH] [--reuse [--peer-only]]
+
+--reuse takes the rows already in WORK/rows.json; with --peer-only it runs llm-compressor's
+side of them again (after a fix to benchmarks/peer_llmc_quant.py), keeping ours.
 """
 from __future__ import annotations
 

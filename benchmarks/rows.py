@@ -186,6 +186,8 @@ def main(suite) -> None:
     ap.add_argument("--peer-python", default=None, help="python of llm-compressor's venv (default: build it)")
     ap.add_argument("--reuse", action="store_true",
                     help="take rows already in WORK/rows.json (same protocol) instead of running them again")
+    ap.add_argument("--peer-only", action="store_true",
+                    help="with --reuse: run llm-compressor's side of the rows again, ours taken from WORK/rows.json")
     a = ap.parse_args()
     if a.worker:
         return worker(suite, a)
@@ -211,6 +213,11 @@ def main(suite) -> None:
         if a.reuse and "ppl" in saved["rows"].get(key, {}):
             rows[key] = saved["rows"][key]
             print(f"{key:13s} reused from {work / 'rows.json'}", flush=True)
+            if not (a.peer_only and key in getattr(suite, "PEER", {})):
+                continue
+            r = {k: v for k, v in rows[key].items() if not k.startswith("peer_")}
+            rows[key] = saved["rows"][key] = {**r, **run_peer(suite, key, work, a, model, dense_state, windows)}
+            (work / "rows.json").write_text(json.dumps(saved, indent=2))
             continue
         if key == "dense":
             r = {**dense_row(model), "ppl": perplexity(model, dense_state, None, windows)}
