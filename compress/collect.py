@@ -42,7 +42,7 @@ class _InputHooks:
         self.stats: dict[str, InputStats] = {}
         self.owner: dict[str, str] = {}
         self.seen: list[tuple[torch.Tensor, str]] = []   # first batch only: (input tensor, its owner)
-        self.order: list[str] = []                       # hook calls of the first batch, in execution order
+        self.order: Optional[list[str]] = []             # hook calls of the first batch (None after it)
         self.stop: Optional[str] = None                  # from the second batch: the linear to stop at
 
     def hook(self, name: str):
@@ -63,7 +63,8 @@ class _InputHooks:
                 # activation (that cost ~6 % of a GPTQ run on SmolLM2).
                 if not torch.isfinite(self.stats[name].sum).all():
                     raise FloatingPointError(f"non-finite activations at the input of {name}")
-            self.order.append(name)
+            if self.order is not None:
+                self.order.append(name)
             if name == self.stop:
                 raise _Enough
         return pre_hook
@@ -100,6 +101,7 @@ def collect_stats(block, linears: dict, inputs: list[BlockInput], want_xtx: bool
             # no statistic. Routed experts or a linear called twice keep the whole forward.
             if k == 0 and outputs is None and not observers and sorted(hooks.order) == sorted(linears):
                 hooks.stop = hooks.order[-1]
+            hooks.order = None
     finally:
         for h in handles:
             h.remove()

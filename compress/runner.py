@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from compress import dist
 from compress.block import compress_block, hits
-from compress.collect import MoEOptions
 from compress.capture import CalibInputs, capture_inputs, forward_block
+from compress.collect import MoEOptions
 from compress.errors import CompressError
 from compress.experts import ExpertLinear, expert_linears
 from compress.models import block_linears, find_blocks, get_weight, set_weight

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from compress import allocation, dist
 from compress.block import hits
-from compress.collect import MoEOptions, collect_stats
 from compress.capture import capture_inputs
+from compress.collect import MoEOptions, collect_stats
 from compress.models import find_blocks, get_weight
 from compress.offload import lazy_of
 from compress.runner import _move_all_but, _unreached, resolve, run_in_dtype, targeted_linears
@@ -87,7 +87,9 @@ def _solve(cfg, measured: list[dict]) -> dict:
     for (n, m), v in zip(layers, s):
         cfg.allocated[n] = v
         cfg.allocated.update({e: v for e in m["names"][n]})
-    share = lambda m: sum(cfg.allocated[n] * k for n, k in m["sizes"].items()) / sum(m["sizes"].values())  # noqa: E731
+    def share(m: dict) -> float:   # a block's sparsity: its layers' allocations weighted by their sizes
+        return sum(cfg.allocated[n] * k for n, k in m["sizes"].items()) / sum(m["sizes"].values())
+
     blocks = {m["block"]: {"sparsity": share(m), "influence": m["influence"]} for m in measured}
     return {"method": "budget", "budget_spread": cfg.budget_spread, "budget_weight": cfg.budget_weight,
             "blocks": blocks,
