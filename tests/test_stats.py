@@ -38,3 +38,22 @@ def test_sums_and_hessian_by_hand():
     assert s.n == 2 and s.mean.tolist() == [2.0, -1.0] and s.var.tolist() == [1.0, 9.0]
     assert s.norm.tolist() == pytest.approx([10 ** 0.5, 20 ** 0.5])
     assert s.hessian().tolist() == [[10.0, -10.0], [-10.0, 20.0]]   # (2/n) X^T X, n = 2
+
+
+def test_bf16_xtx_of_wide_inputs_from_upper_tiles_is_symmetric_and_close():
+    # d_in >= SYM_MIN: only the tiles on and above the diagonal are multiplied, the rest
+    # mirrored. 1100 = 367 + 367 + 366 (ragged last tile), three batches.
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 700, 1100, generator=g).bfloat16()
+    s = InputStats(1100, True, x.device)
+    for b in x:
+        s.update(b)
+    xf = x.float().reshape(-1, 1100)
+    want = xf.T @ xf
+    assert torch.equal(s.xtx, s.xtx.T)
+    assert ((s.xtx - want).norm() / want.norm()).item() < 2e-3
+    narrow = InputStats(1100, True, x.device)
+    narrow.SYM_MIN = 10 ** 9            # the plain path, one product per chunk
+    for b in x:
+        narrow.update(b)
+    assert ((s.xtx - narrow.xtx).norm() / want.norm()).item() < 2e-3
