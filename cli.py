@@ -1,10 +1,17 @@
 """The `compress` command line.
 
-    compress run recipe.yaml [--set passes.0.wanda.sparsity=0.6] [--output DIR] [--resume RUN_DIR]
+    compress run recipe.yaml [--set passes.0.wanda.sparsity=0.6] [--output DIR] [--resume RUN_DIR] [--json]
+    compress report OUT_DIR
     compress eval MODEL [--dataset wikitext2] [--reference MODEL]
     compress export IN_DIR --format hf|compressed-tensors|gguf OUT_DIR [--fold] [--gguf-type Q8_0]
     compress plan recipe.yaml [--json]
     compress passes
+
+A run ends with a summary table on stderr (evaluation dense against compressed,
+sparsity, bits per weight, size on disk, seconds per stage, peak memory, where the
+files are); `--json` also prints the report's summary and evaluation as JSON on stdout,
+for scripts. `compress report OUT_DIR` prints a finished run's table again and redraws
+its plots (layers.png, eval.png, ...) from OUT_DIR/report.json.
 
 Bad input prints one line, `compress: error: ...`, and exits with code 2.
 """
@@ -14,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 
@@ -29,8 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="output folder (overrides the recipe's output)")
     r.add_argument("--run-dir", help="where progress is saved after every block (default: OUTPUT.run)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run saved in RUN_DIR")
+    r.add_argument("--json", action="store_true", help="also print the summary and evaluation as JSON on stdout")
 
-    e = sub.add_parser("eval", help="perplexity of a model (and KL / top-1 against a reference)")
+    e = sub.add_parser("eval", help="perplexity of a model (and KL / top-1 against a reference), lm-eval task accuracy")
     e.add_argument("model", help="output folder, hub id, .gguf file or smollm2-135m")
     e.add_argument("--reference", help="model to compare against (KL divergence, top-1 agreement)")
     e.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "c4", "ptb"])
@@ -41,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None, help="local folder laid out like shared/data "
                    "(default: $COMPRESS_DATA_DIR, else the Hugging Face hub)")
     e.add_argument("--device", default=None)
+    e.add_argument("--tasks", default=None, metavar="T1,T2,...",
+                   help="lm-eval tasks, comma-separated (arc_easy,hellaswag,...; lastword_wikitext2 runs offline); "
+                        "needs compress[tasks]")
+    e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
+    e.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
 
     x = sub.add_parser("export", help="write a compressed model in a serving format")
     x.add_argument("input", help="output folder of `compress run` (or any model spec)")
@@ -60,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for run")
     pl.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
+    rp = sub.add_parser("report", help="print a finished run's summary again and redraw its plots")
+    rp.add_argument("output", help="output folder of `compress run` (it holds report.json)")
+
     sub.add_parser("passes", help="list the passes with their arguments and defaults")
     return p
 
@@ -70,31 +87,53 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     report = run_recipe(recipe, output=args.output, run_dir=args.run_dir, resume=args.resume)
-    print(json.dumps({"summary": report["summary"], "eval": report["eval"]}, indent=2))
+    if args.json:
+        print(json.dumps({"summary": report["summary"], "eval": report["eval"]}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:   # under a launcher, the process that wrote the output
+        from compress.summary import table
+
+        print(table(report, args.output or recipe.output.dir), file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    """The table and the plots again, from report.json alone: a run's numbers can be
+    looked at long after its log has scrolled away."""
+    from compress.reporting import draw, read_report
+    from compress.summary import table
+
+    report = read_report(args.output)
+    draw(args.output, report)
+    print(table(report, args.output))
     return 0
 
 
 def cmd_eval(args) -> int:
     from compress.loading import load_model
-    from compress.pipeline import eval_windows_for, evaluate_model
+    from compress.pipeline import eval_windows_for, evaluate_model, task_text
     from compress.recipe import parse_recipe
 
+    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",")]
     raw = {"model": args.model, "passes": [{"magnitude": {}}],
            "eval": {"dataset": args.dataset, "split": args.split, "seqlen": args.seqlen,
-                    "max_windows": args.max_windows, "batch_size": args.batch_size, "data_dir": args.data_dir}}
-    cfg = parse_recipe(raw).eval  # validates the numbers like a recipe would
+                    "max_windows": args.max_windows, "batch_size": args.batch_size, "data_dir": args.data_dir,
+                    "tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit}}
+    cfg = parse_recipe(raw).eval  # validates the numbers (and the task names) like a recipe would
+    text = task_text(cfg)         # the offline task's data: missing data fails before the model loads
     model, tokenizer = load_model(args.model)
     windows = eval_windows_for(cfg, tokenizer)
     result, reference = {}, None
     if args.reference:
         from compress.eval import ReferenceLogProbs
 
-        ref_model, _ = load_model(args.reference)
+        ref_model, ref_tokenizer = load_model(args.reference)
         reference = ReferenceLogProbs()
-        result["reference"] = evaluate_model(ref_model, windows, cfg, args.device, record=reference, desc="eval reference")
+        result["reference"] = evaluate_model(ref_model, windows, cfg, args.device, record=reference,
+                                             desc="eval reference", tokenizer=ref_tokenizer or tokenizer, text=text)
         del ref_model
     try:
-        result["model"] = evaluate_model(model, windows, cfg, args.device, reference=reference)
+        result["model"] = evaluate_model(model, windows, cfg, args.device, reference=reference,
+                                         tokenizer=tokenizer, text=text)
     finally:
         if reference is not None:
             reference.close()
@@ -145,7 +184,7 @@ def main(argv=None) -> int:
 
     try:
         return {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "plan": cmd_plan,
-                "passes": cmd_passes}[args.command](args)
+                "passes": cmd_passes, "report": cmd_report}[args.command](args)
     except CompressError as e:
         print(f"compress: error: {' '.join(str(e).split())}", file=sys.stderr)   # always one line
         return 2

@@ -147,6 +147,7 @@ def prepare(a, work: Path):
     from compress.loading import load_model
 
     model, tok = load_model("smollm2-135m")
+    a.tokenizer = tok   # for suites that evaluate more than perplexity (benchmarks/tasks.py)
     ids = load_calibration(CalibConfig(source="c4", nsamples=a.nsamples, seqlen=a.seqlen, seed=0), tok)
     torch.save(ids, work / "calib.pt")
     windows = eval_windows(tok, load_text("wikitext2", "test", None), 512, a.windows)

@@ -12,6 +12,8 @@ suite's targets are checked.
 
 A suite is a module with ROWS {key: (label, passes)}, TARGETS [(text, keys, check)],
 NOTE, NAME (its cache folder) and a docstring, whose `__main__` calls `main(suite)`.
+A suite may add EVAL(model, args) -> {field: value}, called with the row's weights in
+the model after its perplexity, and ARGS [(flag, argparse keywords)], options of its own.
 A suite with PEER {key: [arguments of benchmarks/peer_llmc_quant.py]} also runs those
 rows with llm-compressor in its own venv (benchmarks/setup_peer.sh), in the same run,
 on the same calibration ids: "peer_ppl", "peer_seconds", "peer_rss_mib" in the row.
@@ -188,6 +190,8 @@ def main(suite) -> None:
                     help="take rows already in WORK/rows.json (same protocol) instead of running them again")
     ap.add_argument("--peer-only", action="store_true",
                     help="with --reuse: run llm-compressor's side of the rows again, ours taken from WORK/rows.json")
+    for flag, kwargs in getattr(suite, "ARGS", []):   # the suite's own options
+        ap.add_argument(flag, **kwargs)
     a = ap.parse_args()
     if a.worker:
         return worker(suite, a)
@@ -233,6 +237,8 @@ def main(suite) -> None:
                 r["ppl"] = perplexity(model, dense_state, r["weights"], windows)
             except WorkerFailed as e:
                 r = {"error": str(e.code)}
+        if "error" not in r and hasattr(suite, "EVAL"):   # the model holds the row's weights now
+            r.update(suite.EVAL(model, a))
         if key in getattr(suite, "PEER", {}) and not a.no_peer:
             r.update(run_peer(suite, key, work, a, model, dense_state, windows))
         rows[key] = r

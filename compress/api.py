@@ -14,7 +14,7 @@ import torch
 from compress import dist, survey
 from compress.collect import MoEOptions
 from compress.config import build_config
-from compress.coverage import coverage, inventory, log_coverage
+from compress.coverage import bits_per_weight, coverage, inventory, log_coverage, parameter_count
 from compress.errors import CompressError
 from compress.offload import lazy_of
 from compress.passes.base import PassConfig, make_config
@@ -197,6 +197,16 @@ def calibration(model, calib, tokenizer, calib_config) -> tuple:
     return calib_config, ids
 
 
+def summary(model, layers: list[dict], sparsity: dict, seconds: float, dense_parameters: int) -> dict:
+    """report["summary"]: what the end-of-run table shows of the compression, so that the
+    table reads report.json alone. The dense model is priced in 16 bits (2 bytes per
+    parameter, the size it is published in), beside the bits per weight the compressed
+    layers store."""
+    return {"layers": len({r["layer"] for r in layers}), **sparsity, "seconds": round(seconds, 2),
+            "peak_rss_mib": round(peak_rss_mib(), 1), "bits_per_weight": bits_per_weight(model, layers),
+            "dense_parameters": dense_parameters, "dense_bytes": 2 * dense_parameters}
+
+
 def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         device: Optional[str] = None, batch_size: int = 8, true_sequential: bool = False,
         compute_dtype: Optional[str] = None, calib_config=None, state=None, moe_calibration: str = "all",
@@ -219,7 +229,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
     calib_cfg, ids = calibration(model, calib, tokenizer, calib_config)
     join_processes(device, configs, ids, moe, (batch_size, true_sequential, compute_dtype))
     check_training(model, configs, calib_cfg, tokenizer)
-    weights = inventory(model)   # before any layer is packed
+    weights, dense_parameters = inventory(model), parameter_count(model)   # before any layer is packed
     t0 = time.perf_counter()
     device, dtype = resolve(device, getattr(torch, compute_dtype) if compute_dtype else None, model)
     plan = stages(configs)
@@ -245,8 +255,7 @@ def run(model, passes, calib: Union[torch.Tensor, "object"], tokenizer=None, *,
         "compute_dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
         "processes": dist.world_size(),
-        "summary": {"layers": len({r["layer"] for r in layers}), **sparsity,
-                    "seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib(), 1)},
+        "summary": summary(model, layers, sparsity, seconds, dense_parameters),
         "coverage": section,
         "allocation": allocation or None,
         "layers": layers,

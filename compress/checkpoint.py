@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -62,7 +63,7 @@ def save(out_dir: str, model, tokenizer=None, recipe: Optional[dict] = None, rep
     cast them; the model itself is left as it is."""
     from compress.offload import lazy_of, save_lazy
 
-    lazy = lazy_of(model)
+    started, lazy = time.perf_counter(), lazy_of(model)
     cast = getattr(torch, dtype) if dtype else None
     with atomic_dir(out_dir) as tmp:
         record_runtime_modules(model)
@@ -80,7 +81,7 @@ def save(out_dir: str, model, tokenizer=None, recipe: Optional[dict] = None, rep
                     model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_extras(tmp, recipe, report)
+        write_extras(tmp, recipe, report, started)
     log.info("saved %s", out_dir)
     return check_output_dir(out_dir)
 

@@ -14,8 +14,10 @@ over the compressed layers.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import defaultdict
+from typing import Optional
 
 import torch
 from torch import nn
@@ -152,6 +154,30 @@ def _outside(model) -> int:
     _, blocks = find_blocks(model)
     inside = {id(p) for p in blocks.parameters()}
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in inside)
+
+
+def parameter_count(model) -> int:
+    """Parameters of the whole model, a tied embedding and head counted once: taken
+    before the run, it prices the dense model (2 bytes each in 16 bits) for the summary."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def bits_per_weight(model, rows: list[dict]) -> Optional[float]:
+    """Storage bits per weight over the compressed layers: a packed runtime module counts
+    its codes, scales, zero points and indices (`storage_bits`, as saved); a layer left
+    as a plain weight (pruned only, zeros in place) counts 16 bits, what a 16-bit
+    checkpoint stores, since the dtype it is saved in is the output's choice. None when
+    no layer was compressed."""
+    bits = n = 0
+    for name, row in {r["layer"]: r for r in rows}.items():
+        numel = math.prod(row.get("shape") or [0])
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:   # an expert inside a fused parameter that stayed plain
+            m = None
+        bits += m.storage_bits() if hasattr(m, "bits_per_weight") else 16 * numel
+        n += numel
+    return bits / n if n else None
 
 
 def log_coverage(section: dict) -> None:

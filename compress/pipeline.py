@@ -25,11 +25,37 @@ def eval_windows_for(cfg: EvalConfig, tokenizer) -> torch.Tensor:
     return eval_windows(tokenizer, text, cfg.seqlen, cfg.max_windows)
 
 
-def evaluate_model(model, windows, cfg: EvalConfig, device=None, record=None, reference=None, desc="eval") -> dict:
+def task_text(cfg: Optional[EvalConfig]) -> Optional[str]:
+    """The WikiText-2 test text the offline task is built from (compress.tasks), read
+    before the model is loaded so that missing data fails first; None when that task
+    is not asked for."""
+    from calib import ENV_VAR, load_text
+    from compress.tasks import OFFLINE_TASK
+
+    if cfg is None or OFFLINE_TASK not in (cfg.tasks or ()):
+        return None
+    try:
+        return load_text("wikitext2", "test", cfg.data_dir, prefix="eval.")
+    except CompressError as e:
+        raise CompressError(f"eval.tasks: {OFFLINE_TASK} is built from the WikiText-2 test text, which was not "
+                            f"found ({e}); point {ENV_VAR} or --data-dir (eval.data_dir) at a folder holding "
+                            f"wikitext-2-raw/wiki.test.raw") from None
+
+
+def evaluate_model(model, windows, cfg: EvalConfig, device=None, record=None, reference=None, desc="eval",
+                   tokenizer=None, text: Optional[str] = None) -> dict:
+    """Perplexity on `windows` (and KL / top-1 against `reference`), plus, when the
+    config names tasks, lm-eval's scores under "tasks" (`text`: see task_text)."""
     from compress.eval import evaluate
 
-    return evaluate(model, windows, batch_size=cfg.batch_size, record=record, reference=reference,
-                    device=device, desc=desc)
+    result = evaluate(model, windows, batch_size=cfg.batch_size, record=record, reference=reference,
+                      device=device, desc=desc)
+    if cfg.tasks:
+        from compress.tasks import evaluate_tasks
+
+        result["tasks"] = evaluate_tasks(model, tokenizer, cfg.tasks, text=text, num_fewshot=cfg.num_fewshot,
+                                         limit=cfg.limit, batch_size=cfg.batch_size, device=device, desc=desc)
+    return result
 
 
 def run_state(recipe: Recipe, ids: torch.Tensor, out_dir: Optional[str], run_dir: Optional[str],
@@ -78,6 +104,18 @@ def write_output(recipe: Recipe, out_dir: str, model, tokenizer, report: dict) -
         save(out_dir, model, tokenizer, recipe=recipe.resolved(), report=report, dtype=recipe.output.dtype)
 
 
+def stage_seconds(t_start: float, marks: dict, evaluation: dict) -> dict:
+    """Seconds per stage from the times the stages ended (`marks`, in run order); an
+    evaluation that did not run has no entry. Saving is timed where the weights are
+    written (compress.reporting), since report.json is written with them."""
+    out, t = {}, t_start
+    for name, end in marks.items():
+        if not name.startswith("eval_") or name[len("eval_"):] in evaluation:
+            out[name] = round(end - t, 2)
+        t = end
+    return out
+
+
 def run_recipe(recipe: Recipe, output: Optional[str] = None, run_dir: Optional[str] = None,
                resume: Optional[str] = None) -> dict:
     """Run a validated recipe; return its report (also written beside the output).
@@ -102,12 +140,15 @@ def _run_recipe(recipe: Recipe, out_dir: Optional[str], run_dir: Optional[str], 
     from compress.eval import ReferenceLogProbs
 
     t_start = time.perf_counter()
+    text = task_text(recipe.eval)   # the offline task's data, before the model: missing data fails first
     model, tokenizer = load_for(recipe, kept=out_dir is not None or run_dir is not None or resume is not None)
     configs = as_configs(recipe.passes)
     preflight(model, configs)
     # Evaluation data first: a missing data set should fail before minutes of work.
     windows = eval_windows_for(recipe.eval, tokenizer) if recipe.eval else None
+    marks = {"load": time.perf_counter()}   # when each stage ended, for the summary's seconds per stage
     ids = load_calibration(recipe.calib, tokenizer, model)
+    marks["calibration"] = time.perf_counter()
     state = run_state(recipe, ids, out_dir, run_dir, resume)
 
     # Under torchrun / accelerate launch every process runs the recipe, each calibrating
@@ -118,23 +159,27 @@ def _run_recipe(recipe: Recipe, out_dir: Optional[str], run_dir: Optional[str], 
     if windows is not None and recipe.eval.compare:
         reference = ReferenceLogProbs()
         evaluation["dense"] = evaluate_model(model, windows, recipe.eval, recipe.runner.device,
-                                             record=reference, desc="eval dense")
+                                             record=reference, desc="eval dense", tokenizer=tokenizer, text=text)
+    marks["eval_dense"] = time.perf_counter()
     try:
         model, report = run(model, configs, ids, tokenizer, calib_config=recipe.calib, device=recipe.runner.device,
                             batch_size=recipe.runner.batch_size, true_sequential=recipe.runner.true_sequential,
                             compute_dtype=recipe.runner.compute_dtype, state=state,
                             moe_calibration=recipe.runner.moe_calibration, moe_min_tokens=recipe.runner.moe_min_tokens)
+        marks["compression"] = time.perf_counter()
         if windows is not None:
             evaluation["compressed"] = evaluate_model(model, windows, recipe.eval, recipe.runner.device,
-                                                      reference=reference, desc="eval compressed")
+                                                      reference=reference, desc="eval compressed",
+                                                      tokenizer=tokenizer, text=text)
+        marks["eval_compressed"] = time.perf_counter()
     finally:
         if reference is not None:
             reference.close()
     report = {"model": recipe.model, "recipe_sha256": recipe.sha256, **report,
               "calibration": {**report["calibration"], "source": recipe.calib.source, "seed": recipe.calib.seed},
               "eval": evaluation or None}
-    report["summary"]["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    report["summary"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    report["summary"].update(total_seconds=round(time.perf_counter() - t_start, 1), peak_rss_mib=round(peak_rss_mib(), 1),
+                             stage_seconds=stage_seconds(t_start, marks, evaluation))
     report["versions"] = versions()
     if out_dir is not None and main:
         write_output(recipe, out_dir, model, tokenizer, report)

@@ -5,7 +5,7 @@
     passes:
       - wanda: {sparsity: 0.5, pattern: "2:4"}
     runner: {device: cpu, batch_size: 8, true_sequential: false}
-    eval: {dataset: wikitext2, split: test, seqlen: 512, max_windows: 64}
+    eval: {dataset: wikitext2, split: test, seqlen: 512, max_windows: 64, tasks: [lastword_wikitext2]}
     output: out/wanda-2of4          # or {dir: out/wanda-2of4, dtype: float16}
 
 Everything is validated before any heavy work starts; a problem is one CompressError
@@ -68,6 +68,9 @@ class EvalConfig:
     batch_size: int = 4
     compare: bool = True           # also evaluate the dense model: KL and top-1 agreement
     data_dir: Optional[str] = None
+    tasks: Optional[list] = None   # lm-eval task names (compress.tasks), e.g. [arc_easy, lastword_wikitext2]
+    num_fewshot: Optional[int] = None   # lm-eval's few-shot examples; default: each task's own (0 for most)
+    limit: Optional[int] = None    # score only the first `limit` examples of each task
 
 
 @dataclass
@@ -105,6 +108,33 @@ def _check_str(value, name: str) -> None:
 def _check_bool(value, name: str) -> None:
     if not isinstance(value, bool):
         raise CompressError(f"{name}: expected true or false, got {value!r}")
+
+
+def check_eval(ev: EvalConfig) -> EvalConfig:
+    """Validate the `eval:` section. Task names are checked against lm-eval's here, so
+    that a typo fails before the model is loaded (compress.tasks)."""
+    if ev.dataset not in ("wikitext2", "c4", "ptb"):
+        raise CompressError(f"eval.dataset: expected wikitext2, c4 or ptb, got {ev.dataset!r}")
+    _check_int(ev.seqlen, "eval.seqlen", lo=2)
+    _check_int(ev.max_windows, "eval.max_windows", optional=True)
+    _check_int(ev.batch_size, "eval.batch_size")
+    _check_bool(ev.compare, "eval.compare")
+    for key in ("split", "data_dir"):
+        _check_str(getattr(ev, key), f"eval.{key}")
+    _check_int(ev.num_fewshot, "eval.num_fewshot", lo=0, optional=True)
+    _check_int(ev.limit, "eval.limit", optional=True)
+    for key in ("num_fewshot", "limit"):
+        if getattr(ev, key) is not None and ev.tasks is None:
+            raise CompressError(f"eval.{key}: applies to task accuracy only; name the tasks in eval.tasks")
+    if ev.tasks is not None:
+        if not isinstance(ev.tasks, list) or not ev.tasks or \
+                not all(isinstance(t, str) and t and t == t.strip() and "," not in t for t in ev.tasks):
+            raise CompressError(f"eval.tasks: expected a non-empty list of lm-eval task names "
+                                f"(e.g. [arc_easy, lastword_wikitext2]), got {ev.tasks!r}")
+        from compress.tasks import check_task_names
+
+        check_task_names(ev.tasks, "eval.tasks")
+    return ev
 
 
 @dataclass
@@ -186,16 +216,7 @@ def parse_recipe(raw: Any, overrides: Optional[list[str]] = None) -> Recipe:
     if runner.device is not None and not (isinstance(runner.device, str) and
                                           re.fullmatch(r"cpu|mps|cuda(:\d+)?", runner.device)):
         raise CompressError(f"runner.device: expected cpu, cuda or cuda:N, got {runner.device!r}")
-    ev = None if raw.get("eval") is None else _build(EvalConfig, raw["eval"], "eval")
-    if ev is not None:
-        if ev.dataset not in ("wikitext2", "c4", "ptb"):
-            raise CompressError(f"eval.dataset: expected wikitext2, c4 or ptb, got {ev.dataset!r}")
-        _check_int(ev.seqlen, "eval.seqlen", lo=2)
-        _check_int(ev.max_windows, "eval.max_windows", optional=True)
-        _check_int(ev.batch_size, "eval.batch_size")
-        _check_bool(ev.compare, "eval.compare")
-        for key in ("split", "data_dir"):
-            _check_str(getattr(ev, key), f"eval.{key}")
+    ev = None if raw.get("eval") is None else check_eval(_build(EvalConfig, raw["eval"], "eval"))
     out = raw.get("output")
     if out is not None and not isinstance(out, (str, dict)):
         raise CompressError(f"output: expected a folder path or {{dir: ..., dtype: ...}}, got {out!r}")

@@ -67,6 +67,10 @@ BAD_VALUES = [
     ("eval.seqlen", below(2)), ("eval.max_windows", below(1).filter(lambda v: v is not None)),
     ("eval.data_dir", st.one_of(st.integers(), st.just(""), st.lists(st.text(), max_size=2))),
     ("eval.batch_size", below(1)), ("eval.compare", not_bool),
+    ("eval.tasks", st.one_of(st.integers(), st.text(max_size=8), st.just([]), st.just([""]),
+                             st.lists(st.integers(), min_size=1, max_size=2), st.just(["arc_easy,piqa"]),
+                             st.just([" arc_easy"]))),
+    ("eval.num_fewshot", below(0)), ("eval.limit", below(1)),
     ("output", st.one_of(st.integers(), st.lists(st.text(), max_size=2), st.booleans())),
     ("output.dir", st.one_of(st.integers(), st.lists(st.text(), max_size=2), st.booleans(), st.just(""))),
     ("output.dtype", not_in("float32", "float16", "bfloat16")),
@@ -80,7 +84,7 @@ ALL_KEYS = {"model", "dtype", "calib", "passes", "runner", "eval", "output", "so
             "dataset", "max_windows", "compare", "dir", "format", "fold", "sparse_format", "gguf_type", "sparsity",
             "pattern", "scope", "targets", "ignore", "bits", "group_size", "symmetric", "method", "act_order",
             "static_groups", "percdamp", "blocksize", "clip", "true_sequential", "mse", "damp", "hessian_fit",
-            "n_grid", "clip_grid", "max_shrink", "clip_ignore"}
+            "n_grid", "clip_grid", "max_shrink", "clip_ignore", "tasks", "num_fewshot", "limit"}
 # awq's fields, on BASE with an awq pass between wanda and quant (passes.1.awq)
 AWQ_BAD_VALUES = [
     ("n_grid", below(1)), ("clip_grid", below(1)), ("clip", not_bool),

@@ -19,6 +19,7 @@ that records what was written and its size.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -65,6 +66,7 @@ def export(model, tokenizer, out_dir: str, cfg: ExportConfig, report: Optional[d
     from compress.reporting import write_extras, write_json
 
     cfg.validate()
+    started = time.perf_counter()
     if not inplace:
         model = copy.deepcopy(model)
     if cfg.format == "gguf":
@@ -75,7 +77,7 @@ def export(model, tokenizer, out_dir: str, cfg: ExportConfig, report: Optional[d
         from compress.export.hf import write
     with atomic_dir(out_dir) as tmp:
         info = write(model, tokenizer, tmp, cfg)
-        write_extras(tmp, recipe, report)
+        write_extras(tmp, recipe, report, started)
         info = {"format": cfg.format, **asdict(cfg), **info, "bytes": folder_bytes(tmp)}
         write_json(tmp / "export.json", info)
     log.info("exported %s (%s, %.1f MiB)", out_dir, cfg.format, info["bytes"] / 2**20)
