@@ -68,6 +68,10 @@ ROWS = {  # key: (label, passes)
     "awq4": ("AWQ W4 g64", [{"awq": {}}, _q(4, "rtn")]),
     "awq_gptq4": ("AWQ + GPTQ W4 g64", [{"awq": {}}, _q(4, "gptq")]),
     "sgpt24_gptq_nvfp4": ("SparseGPT 2:4 + GPTQ NVFP4", [SGPT24, {"quant": {"format": "nvfp4", "method": "gptq"}}]),
+    # the same, with statistics collected again before each group of layers that share an input (o_proj then
+    # calibrates on the output of the compressed q/k/v, down_proj on that of the compressed gate/up)
+    "sgpt24_gptq_nvfp4_seq": ("SparseGPT 2:4 + GPTQ NVFP4, true sequential",
+                              [SGPT24, {"quant": {"format": "nvfp4", "method": "gptq"}}], {"true_sequential": True}),
 }
 
 # llm-compressor's run of the same rows (benchmarks/peer_llmc_quant.py arguments)

@@ -10,7 +10,7 @@ the fraction of zero weights, whether the effective weights are still exact 2:4,
 computed in the parent, from the dense model with them swapped in. Below the table the
 suite's targets are checked.
 
-A suite is a module with ROWS {key: (label, passes)}, TARGETS [(text, keys, check)],
+A suite is a module with ROWS {key: (label, passes[, compress.run options])}, TARGETS [(text, keys, check)],
 NOTE, NAME (its cache folder) and a docstring, whose `__main__` calls `main(suite)`.
 A suite may add EVAL(model, args) -> {field: value}, called with the row's weights in
 the model after its perplexity, and ARGS [(flag, argparse keywords)], options of its own.
@@ -95,6 +95,7 @@ def worker(suite, a) -> None:
     from compress.loading import load_model
 
     passes = suite.ROWS[a.row][1]
+    options = suite.ROWS[a.row][2] if len(suite.ROWS[a.row]) > 2 else {}   # compress.run's runner options
     why = unavailable(passes)
     if why:
         raise SystemExit(why)
@@ -104,7 +105,8 @@ def worker(suite, a) -> None:
     ids = torch.load(a.calib)
     calib_cfg = CalibConfig(source="c4", nsamples=a.nsamples, seqlen=a.seqlen, seed=0)  # what `prepare` drew
     t0 = time.perf_counter()
-    _, report = compress.run(model, passes, calib=ids, tokenizer=tok, calib_config=calib_cfg, batch_size=a.batch_size)
+    _, report = compress.run(model, passes, calib=ids, tokenizer=tok, calib_config=calib_cfg, batch_size=a.batch_size,
+                             **options)
     seconds = time.perf_counter() - t0
     targeted = {r["layer"]: model.get_submodule(r["layer"]) for r in report["layers"]}
     weights, stats = measure(targeted, is_24(passes))
@@ -213,7 +215,7 @@ def main(suite) -> None:
         saved = {"protocol": protocol, "rows": {}}
     rows: dict = {}
     for key in keys:
-        label, passes = ROWS[key]
+        label, passes = ROWS[key][:2]
         if a.reuse and "ppl" in saved["rows"].get(key, {}):
             rows[key] = saved["rows"][key]
             print(f"{key:13s} reused from {work / 'rows.json'}", flush=True)
