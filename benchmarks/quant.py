@@ -14,6 +14,7 @@ seqlen 512, first 64 windows. Rows (`--rows` takes their keys):
                    {"quant": {"format": ..., "method": ...}}  (issue 22: the FP formats)
     awq4, awq_gptq4  {"awq": {}}, then RTN / GPTQ W4 g64
     sgpt24_gptq_nvfp4  SparseGPT 2:4, then GPTQ NVFP4
+    sgpt24_gptq_nvfp4_seq  the same with runner.true_sequential (statistics again per input group)
 
 The issue-22 rows (and gptq4) run with llm-compressor 0.14 too, in the same run and on
 the same calibration ids (benchmarks/peer_llmc_quant.py, in the venv of
