@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import re
 
+from compress.summary import is_number, task_metrics
+
 
 def _pyplot():
     import matplotlib
@@ -149,24 +151,16 @@ def eval_metrics(evaluation: dict) -> list[tuple[str, dict, dict]]:
     itself is 0 and 1), then every task metric with the standard error lm-eval gave."""
     out = []
     for key, name in (("ppl", "perplexity"), ("kl", "KL to dense"), ("top1", "top-1 agreement")):
-        vals = {s: ev[key] for s, ev in evaluation.items() if isinstance(ev, dict) and _number(ev.get(key))}
+        vals = {s: ev[key] for s, ev in evaluation.items() if isinstance(ev, dict) and is_number(ev.get(key))}
         if vals:
             out.append((name, vals, {}))
     tasks = {s: ev.get("tasks") or {} for s, ev in evaluation.items() if isinstance(ev, dict)}
-    names = list(dict.fromkeys(t for side in tasks.values() for t in side))
-    for task in names:
-        metrics = dict.fromkeys(m for side in tasks.values() for m, v in (side.get(task) or {}).items()
-                                if m != "n" and not m.endswith("_stderr") and _number(v))
-        for m in metrics:
-            vals = {s: t[task][m] for s, t in tasks.items() if _number((t.get(task) or {}).get(m))}
-            errs = {s: t[task][f"{m}_stderr"] for s, t in tasks.items()
-                    if _number((t.get(task) or {}).get(f"{m}_stderr"))}
-            out.append((f"{task}/{m}", vals, errs))
+    for task, m in task_metrics(tasks):
+        vals = {s: t[task][m] for s, t in tasks.items() if is_number((t.get(task) or {}).get(m))}
+        errs = {s: t[task][f"{m}_stderr"] for s, t in tasks.items()
+                if is_number((t.get(task) or {}).get(f"{m}_stderr"))}
+        out.append((f"{task}/{m}", vals, errs))
     return out
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def plot_eval(report: dict, path) -> None:

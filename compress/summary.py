@@ -40,9 +40,23 @@ def _row(label: str, *cells: str) -> tuple:
     return (label, *cells)
 
 
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def task_metrics(tasks: dict) -> list[tuple[str, str]]:
+    """(task, metric) of {side: report["eval"][side]["tasks"]}, in order of appearance:
+    every metric with a number on some side (not "n", not a standard error). The table
+    and eval.png (compress.plots) show these rows."""
+    names = dict.fromkeys(t for side in tasks.values() for t in side)
+    return [(task, m) for task in names
+            for m in dict.fromkeys(m for side in tasks.values() for m, v in (side.get(task) or {}).items()
+                                   if m != "n" and not m.endswith("_stderr") and is_number(v))]
+
+
 def number(v, decimals: int) -> str:
     """v with a fixed number of decimals; '-' for a missing value, inf / nan as such."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
+    if not is_number(v):
         return "-"
     return f"{v:.{decimals}f}" if math.isfinite(v) else str(float(v))
 
@@ -64,14 +78,11 @@ def _eval_rows(evaluation: dict) -> list[str]:
         if any(key in ev[s] for s in sides):
             out.append(_row(label, *(number(ev[s].get(key), d) for s in sides)))
     tasks = {s: ev[s].get("tasks") or {} for s in sides}
-    for task in dict.fromkeys(t for s in sides for t in tasks[s]):
+    for task, m in task_metrics(tasks):
         res = {s: tasks[s].get(task) or {} for s in sides}
         n = next((r["n"] for r in res.values() if isinstance(r.get("n"), int)), None)
-        metrics = dict.fromkeys(m for r in res.values() for m, v in r.items()
-                                if m != "n" and not m.endswith("_stderr") and number(v, 0) != "-")
-        for m in metrics:
-            label = f"{task}/{m}" + (f" [n={n}]" if n is not None else "")
-            out.append(_row(label, *(_with_stderr(res[s], m) for s in sides)))
+        label = f"{task}/{m}" + (f" [n={n}]" if n is not None else "")
+        out.append(_row(label, *(_with_stderr(res[s], m) for s in sides)))
     return out
 
 
