@@ -19,7 +19,11 @@ seqlen 512, first 64 windows. Rows (`--rows` takes their keys):
 The issue-22 rows (and gptq4) run with llm-compressor 0.14 too, in the same run and on
 the same calibration ids (benchmarks/peer_llmc_quant.py, in the venv of
 benchmarks/setup_peer.sh): its QuantizationModifier / GPTQModifier with the NVFP4A16 and
-MXFP4A16 presets, FP8 per channel, its AWQModifier; --no-peer skips it.
+MXFP4A16 presets, FP8 per channel, its AWQModifier; --no-peer skips it. Its GPTQ does not
+keep a sparsity mask: after its SparseGPT 2:4 the pruned weights are updated and rounded
+like the rest, so its sgpt24_gptq_nvfp4 weights are no longer 2:4 (checked per run; the
+table gives their zero fraction, and the perplexity of their projection back onto 2:4,
+which the 1 % target compares with ours, exact 2:4 by construction).
 
 Each compressed row runs in a fresh subprocess; benchmarks/rows.py (the harness shared
 with benchmarks/armor.py) says what is measured. Below the table the issue's targets
@@ -83,7 +87,14 @@ PEER = {"gptq4": ["--scheme", "w4g64", "--method", "gptq"],
         "awq_gptq4": ["--scheme", "w4g64", "--method", "awq_gptq"],
         "sgpt24_gptq_nvfp4": ["--scheme", "nvfp4", "--method", "gptq", "--sparsegpt24"]}
 EXTRA = [("llm-compressor ppl", "peer_ppl", ".2f"), ("llm-compressor s", "peer_seconds", ".1f"),
-         ("llm-compressor peak RSS MiB", "peer_rss_mib", ".0f")]
+         ("llm-compressor peak RSS MiB", "peer_rss_mib", ".0f"), ("llm-compressor zero fraction", "peer_zeros", ".4f"),
+         ("llm-compressor projected onto 2:4, ppl", "peer_ppl_24", ".2f")]
+
+
+def peer_same_output(row: dict) -> float:
+    """llm-compressor's perplexity for the output our row gives: on a 2:4 row whose weights
+    its GPTQ left no longer 2:4 (rows.peer_24), that of their projection back onto 2:4."""
+    return row.get("peer_ppl_24", row["peer_ppl"])
 
 NOTE = ("Why group 64 and 3 bits: SmolLM2-135M's weights were dequantized from Q4_1 (4-bit, groups of 32, "
         "asymmetric with a float minimum), so 4-bit group-32 quantization on Q4_1's own grid would be lossless "
@@ -100,8 +111,9 @@ TARGETS = [  # (text, rows needed, check on {key: row})
     ("2:4 + GPTQ W4 ppl within 10% of 2:4 alone, and still exact 2:4", ["sgpt24", "sgpt24_gptq4"],
      lambda r: r["sgpt24_gptq4"]["ppl"] <= 1.1 * r["sgpt24"]["ppl"] and r["sgpt24_gptq4"]["exact_24"] is True),
     ("GQSA W4 S50 ppl below SparseGPT 2:4", ["sgpt24", "gqsa"], lambda r: r["gqsa"]["ppl"] < r["sgpt24"]["ppl"]),
-    ("issue 22: each row within 1 % of llm-compressor's same method, or better", list(PEER),
-     lambda r: all(r[k]["ppl"] <= 1.01 * r[k]["peer_ppl"] for k in PEER if "peer_ppl" in r[k])),
+    ("issue 22: each row within 1 % of llm-compressor's same method, or better (2:4 rows: of its output "
+     "projected back onto 2:4 where its GPTQ filled the pruned weights)", list(PEER),
+     lambda r: all(r[k]["ppl"] <= 1.01 * peer_same_output(r[k]) for k in PEER if "peer_ppl" in r[k])),
     ("issue 22: GPTQ NVFP4 closes at least half of RTN NVFP4's gap to dense", ["dense", "rtn_nvfp4", "gptq_nvfp4"],
      lambda r: r["rtn_nvfp4"]["ppl"] - r["gptq_nvfp4"]["ppl"] >= 0.5 * (r["rtn_nvfp4"]["ppl"] - r["dense"]["ppl"])),
     ("issue 22: AWQ + GPTQ W4 at least as good as the better of the two alone", ["awq4", "gptq4", "awq_gptq4"],

@@ -16,7 +16,9 @@ A suite may add EVAL(model, args) -> {field: value}, called with the row's weigh
 the model after its perplexity, and ARGS [(flag, argparse keywords)], options of its own.
 A suite with PEER {key: [arguments of benchmarks/peer_llmc_quant.py]} also runs those
 rows with llm-compressor in its own venv (benchmarks/setup_peer.sh), in the same run,
-on the same calibration ids: "peer_ppl", "peer_seconds", "peer_rss_mib" in the row.
+on the same calibration ids: "peer_ppl", "peer_seconds", "peer_rss_mib" in the row; on a
+2:4 row also "peer_exact_24", "peer_zeros" and, where its weights are not 2:4, "peer_ppl_24"
+(`peer_24`).
 """
 from __future__ import annotations
 
@@ -167,7 +169,34 @@ def run_peer(suite, key: str, work: Path, a, model, dense_state, windows) -> dic
         return {"peer_error": str(e.code)[-600:]}
     ppl = perplexity(model, dense_state, p["weights"], windows)
     print(f"{key:13s} llm-compressor ppl {ppl:8.2f}  {p['seconds']:6.1f} s", flush=True)
-    return {"peer_ppl": ppl, "peer_seconds": p["seconds"], "peer_rss_mib": p["peak_rss_mib"]}
+    r = {"peer_ppl": ppl, "peer_seconds": p["seconds"], "peer_rss_mib": p["peak_rss_mib"]}
+    if is_24(suite.ROWS[key][1]):
+        r.update(peer_24(model, dense_state, p["weights"], windows, out))
+        print(f"{key:13s} llm-compressor exact 2:4: {r['peer_exact_24']}, zeros {r['peer_zeros']:.4f}"
+              + (f", projected onto 2:4: ppl {r['peer_ppl_24']:.2f}" if "peer_ppl_24" in r else ""), flush=True)
+    return r
+
+
+def peer_24(model, dense_state, weights_file, windows, out: Path) -> dict:
+    """llm-compressor's weights of a 2:4 row: whether they are still exact 2:4 and their zero
+    fraction. Where they are not (its GPTQ updates every weight, pruned ones included, and
+    rounds them to the grid's nonzero values), also the perplexity of their projection back
+    onto 2:4, the two largest |w| of every four consecutive inputs kept: the 2:4 model that
+    its run gives to deploy ("peer_ppl_24")."""
+    from safetensors.torch import load_file, save_file
+
+    from compress.masks import follows_nm, nm_mask
+
+    weights = load_file(weights_file)
+    linears = {k: v for k, v in weights.items() if v.dim() == 2}
+    exact = all(follows_nm(v, 2, 4) for v in linears.values())
+    zeros = sum(int((v == 0).sum()) for v in linears.values()) / sum(v.numel() for v in linears.values())
+    r = {"peer_exact_24": exact, "peer_zeros": zeros}
+    if not exact:
+        weights.update({k: v * nm_mask(v.abs(), 2, 4) for k, v in linears.items()})
+        save_file(weights, str(out / "weights_24.safetensors"))
+        r["peer_ppl_24"] = perplexity(model, dense_state, out / "weights_24.safetensors", windows)
+    return r
 
 
 def main(suite) -> None:
@@ -219,6 +248,10 @@ def main(suite) -> None:
         if a.reuse and "ppl" in saved["rows"].get(key, {}):
             rows[key] = saved["rows"][key]
             print(f"{key:13s} reused from {work / 'rows.json'}", flush=True)
+            peer_file = work / f"peer-{key}" / "weights.safetensors"
+            if is_24(passes) and "peer_ppl" in rows[key] and "peer_exact_24" not in rows[key] and peer_file.exists():
+                rows[key].update(peer_24(model, dense_state, peer_file, windows, peer_file.parent))   # a row from before
+                (work / "rows.json").write_text(json.dumps(saved, indent=2))
             if not (a.peer_only and key in getattr(suite, "PEER", {})):
                 continue
             r = {k: v for k, v in rows[key].items() if not k.startswith("peer_")}

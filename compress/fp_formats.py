@@ -61,13 +61,27 @@ _ONE_OP = 4096   # up to this many values (a GPTQ column) one bucketize beats se
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Codes (float-valued, 0..15) of x rounded to E2M1: nearest, ties to the even
     mantissa (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4),
-    saturating at 6."""
+    saturating at 6. Zero is code 0 whatever the sign of x (|x| <= 0.25 has no sign bit)."""
     a = x.abs()
     if x.numel() <= _ONE_OP:   # GPTQ calls this once per column: per-call overhead rules
-        return (torch.bucketize(a, _BOUNDS.to(a.device)) + 8 * (x < 0)).float()
+        return (torch.bucketize(a, _BOUNDS.to(a.device)) + 8 * (x < -0.25)).float()
     idx = ((a > 0.25).int() + (a >= 0.75).int() + (a > 1.25).int() + (a >= 1.75).int()
            + (a > 2.5).int() + (a >= 3.5).int() + (a > 5.0).int())
-    return (idx + 8 * (x < 0).int()).float()
+    return (idx + 8 * (x < -0.25).int()).float()
+
+
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to E2M1 values: E2M1_CODES[e2m1_codes(x)] in fewer steps. The grid's
+    spacing is 0.5 below 2, 1 below 4 and 2 up to 6, so round(|x| / step) * step, whose
+    round-half-even is the ties-to-even mantissa, then saturate at 6. (A GPTQ column:
+    one bucketize into the magnitudes.) nan gives 6, as a scale of 0 does in `snap`."""
+    a = x.abs()
+    if x.numel() <= _ONE_OP:
+        m = E2M1.to(a.device).take(torch.bucketize(a, _BOUNDS.to(a.device)))
+    else:
+        step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+        m = a.div_(step).round_().mul_(step).clamp_(max=E2M1_MAX).nan_to_num_(E2M1_MAX)
+    return m.copysign_(x)
 
 
 def e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +175,7 @@ class FPSpec:
         (H_jj), of least sum_j H_jj (w_j - w_hat_j)^2: the diagonal of GPTQ's objective
         (w - w_hat) H (w - w_hat)^T, so an input that carries more signal is clipped less."""
         def err(s):
-            d = self.dequantize(self.quantize(w, s[..., None], 0), s[..., None], 0) - w
+            d = self.snap(w, s[..., None]) - w
             return d.abs().pow(2.4).sum(-1) if imp is None else (imp * d.square()).sum(-1)
         best = err(scale)
         for s in self._tries(amax, raw):
@@ -178,6 +192,14 @@ class FPSpec:
         else:
             u = x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8).float()
         return torch.where(s != 0, u, 0.0)
+
+    def snap(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """w on the grid of scales s: dequantize(quantize(w, s), s) to the bit, without the
+        codes (GPTQ's column loop and the clip search need only the values; `quantize` of
+        the result gives the codes back exactly, grid values being far from any midpoint)."""
+        x = w / s   # s = 0: x is +-inf or nan, any finite value times 0 gives 0
+        m = e2m1_round(x) if self.bits == 4 else e4m3(x.nan_to_num(0.0))
+        return m.mul_(s)
 
     def zero_code(self, s: torch.Tensor, z) -> torch.Tensor:
         return torch.zeros_like(s)

@@ -8,7 +8,7 @@ import torch
 
 import compress
 from compress.errors import CompressError
-from compress.fp_formats import E2M1_CODES, FPSpec, e2m1_codes, e4m3, e8m0_exponent
+from compress.fp_formats import E2M1_CODES, FPSpec, e2m1_codes, e2m1_round, e4m3, e8m0_exponent
 from compress.nn import FPLinear, module_for
 from compress.nn.fp_linear import pack_fp4, unpack_fp4
 from compress.passes.base import make_config
@@ -38,6 +38,46 @@ def test_e2m1_one_column_path_equals_the_whole_matrix_path_at_every_midpoint():
     whole = e2m1_codes(x)
     assert x.numel() > 4096
     assert torch.equal(torch.cat([e2m1_codes(c) for c in x.split(1000)]), whole)
+
+
+def test_e2m1_round_is_the_code_table_of_e2m1_codes_on_both_paths():
+    """The values-only rounding (GPTQ's column loop, the clip search) is the slow twin's
+    table lookup of the codes, at every midpoint and its neighbours, a sweep, inf and nan
+    (a scale of 0), on the one-column path and the whole-matrix path; zero has code 0."""
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 2.0, 4.0, 6.0])
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(9.0)), torch.nextafter(mids, torch.tensor(0.0))])
+    x = torch.cat([near, -near, torch.linspace(-8, 8, 20001), torch.tensor([float("inf"), -float("inf")])])
+    want = E2M1_CODES[e2m1_codes(x).long()]
+    assert x.numel() > 4096 and torch.equal(e2m1_round(x), want)
+    assert torch.equal(torch.cat([e2m1_round(c) for c in x.split(1000)]), want)
+    nan = torch.tensor([float("nan")])
+    assert e2m1_round(nan).abs().item() == 6.0 and e2m1_round(nan.expand(5000)).abs().max().item() == 6.0
+    assert e2m1_codes(torch.tensor([-0.25, -0.1, -0.26])).tolist() == [0.0, 0.0, 9.0]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_snap_equals_dequantize_of_quantize_and_gptq_equals_its_slow_twin(fmt):
+    """FPSpec.snap is dequantize(quantize()) to the bit, scales of 0 included; GPTQ that
+    rounds columns with it (and reads the codes off afterwards) gives the codes and
+    weights of GPTQ through quantize / dequantize, dense and with 2:4 zeros."""
+    spec = FPSpec(fmt, clip_search=True)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 6, 32, generator=g) * 2
+    s = torch.rand(64, 6, 1, generator=g) * 0.5
+    s[0, 0], w[1, 1] = 0.0, 0.0
+    assert torch.equal(spec.snap(w, s), spec.dequantize(spec.quantize(w, s, 0), s, 0))
+    col = w[:, 0, 0].contiguous()                             # one GPTQ column: the bucketize path
+    assert torch.equal(spec.snap(col, s[:, 0, 0]), spec.dequantize(spec.quantize(col, s[:, 0, 0], 0), s[:, 0, 0], 0))
+
+    class Slow(FPSpec):   # GPTQ falls back to codes per column (no clip search: it would call snap)
+        snap = None
+    X = correlated_inputs(512, 64)
+    W = torch.randn(48, 64, generator=g)
+    for keep in (torch.ones_like(W, dtype=torch.bool), (torch.arange(64) % 4 < 2).expand(48, 64)):
+        args = (W * keep, X.T @ X / 512, keep)
+        fast = gptq(*(a.clone() for a in args[:2]), keep, FPSpec(fmt), act_order=True, static_groups=True)
+        slow = gptq(*(a.clone() for a in args[:2]), keep, Slow(fmt), act_order=True, static_groups=True)
+        assert torch.equal(fast.codes, slow.codes) and torch.equal(fast.dequantize(), slow.dequantize())
 
 
 def test_nvfp4_scale_of_a_known_group():

@@ -229,7 +229,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
     if static:
         at = gid.unsqueeze(-2).expand(W.shape) if gid.dim() > 1 else gid.expand(W.shape)
         col_scale, col_zero = scale.gather(-1, at), zero.gather(-1, at)
-    codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)
+    # Floating-point grids round a column straight to its values (spec.snap); their codes are
+    # read off the finished columns after the loop. Other grids keep a code per column.
+    snap = getattr(spec, "snap", None) if static else None
+    codes = torch.empty(W.shape, dtype=torch.float32 if snap else torch.uint8, device=W.device)
     dense = bool(keep.all())   # nothing pruned: no column needs the code of zero (one op less per column)
     for i1 in range(0, d_in, B):
         i2 = min(i1 + B, d_in)
@@ -243,18 +246,31 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
                     scale[..., j // g], zero[..., j // g] = fit(W1[..., i:i + g], K1[..., i:i + g], spec)
                 s, z = ((col_scale[..., j], col_zero[..., j]) if static               # [..., out]
                         else (_group_of(scale, col_group, j), _group_of(zero, col_group, j)))
-                u = spec.quantize(W1[..., i], s, z)                                  # [..., out]
-                if not dense:
-                    u = torch.where(K1[..., i], u, spec.zero_code(s, z))
-                err = (W1[..., i] - spec.dequantize(u, s, z)) / U1[..., i, i, None]   # [..., out]
+                q, u = _round_column(spec, snap, W1[..., i], s, z, None if dense else K1[..., i])   # [..., out]
+                err = (W1[..., i] - q) / U1[..., i, i, None]                                      # [..., out]
                 W1[..., i:k2] -= err.unsqueeze(-1) * U1[..., i, None, i:k2]
                 Err1[..., i] = err
-                codes[..., j] = u.to(torch.uint8)
+                codes[..., j] = u
             W1[..., k2:] -= Err1[..., k1:k2] @ U1[..., k1:k2, k2:]
         W[..., i2:] -= Err1 @ U[..., i1:i2, i2:]
+    if snap:   # grid values to their codes (a pruned weight's value is 0, its code 0)
+        codes = spec.quantize(codes, col_scale, col_zero)
     inv = torch.argsort(perm, dim=-1)
     g_idx = None if static or not act_order else gid[inv].to(torch.int32)
-    return QuantResult(spec, _columns(codes, inv), scale, zero, g_idx, raw=raw)
+    return QuantResult(spec, _columns(codes.to(torch.uint8), inv), scale, zero, g_idx, raw=raw)
+
+
+def _round_column(spec, snap, w, s, z, keep):
+    """Column w [..., out] on the grid of scales s, zero points z: its values q, and what
+    the loop stores, the codes u (or, with snap, q itself); keep False -> the code of 0."""
+    if snap is not None:
+        q = snap(w, s)
+        q = q if keep is None else torch.where(keep, q, 0.0)
+        return q, q
+    u = spec.quantize(w, s, z)
+    if keep is not None:
+        u = torch.where(keep, u, spec.zero_code(s, z))
+    return spec.dequantize(u, s, z), u
 
 
 def _group_params(W, H, keep, spec, static: bool, hessian_fit: bool) -> tuple:
