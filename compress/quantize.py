@@ -237,3 +237,41 @@ def rtn(W: torch.Tensor, keep: Optional[torch.Tensor], spec: QuantSpec) -> Quant
     codes = torch.where(Kg, spec.quantize(Wg, s, z), spec.zero_code(s, z))   # pruned -> the code of 0
     codes = codes.reshape(*W.shape[:-1], -1)[..., :W.shape[-1]].to(torch.uint8)
     return QuantResult(spec, codes, scale, zero, raw=raw)
+
+
+# -- pieces of GPTQ's loop (compress/passes/quant.py), for any grid ------------------------
+
+def round_column(spec, snap, w, s, z, keep):
+    """Column w [..., out] on the grid of scales s, zero points z: its values q, and what
+    the loop stores, the codes u (or, with snap, q itself); keep False -> the code of 0."""
+    if snap is not None:
+        q = snap(w, s)
+        q = q if keep is None else torch.where(keep, q, 0.0)
+        return q, q
+    u = spec.quantize(w, s, z)
+    if keep is not None:
+        u = torch.where(keep, u, spec.zero_code(s, z))
+    return spec.dequantize(u, s, z), u
+
+
+def group_params(W, H, keep, spec, static: bool, hessian_fit: bool) -> tuple:
+    """Scale, zero [..., out, G] and stored extras. Static groups: fitted before the loop
+    (hessian_fit: H_jj [..., 1, G, g] weighs the fit's errors); dynamic: zeros to fill."""
+    if not static:
+        scale = W.new_zeros(*W.shape[:-1], spec.n_groups(W.shape[-1]))
+        return scale, torch.zeros_like(scale), None
+    imp = grouped(H.diagonal(dim1=-2, dim2=-1).unsqueeze(-2), spec) if hessian_fit else None
+    return spec.fit_raw(grouped(W, spec), grouped(keep, spec, fill=False), imp)
+
+
+def reorder_columns(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """t [..., r, n] with its columns reordered by perm [..., n]."""
+    return t.gather(-1, perm.unsqueeze(-2).expand(t.shape))
+
+
+def group_of(t: torch.Tensor, gid, j: int) -> torch.Tensor:
+    """t [..., out, G] at the group of processed column j: [..., out]. gid: the group
+    of each column (a list), or of each expert's columns [E, in]."""
+    if isinstance(gid, list):
+        return t[..., gid[j]]
+    return t.gather(-1, gid[..., j, None, None].expand(*t.shape[:-1], 1)).squeeze(-1)

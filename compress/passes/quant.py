@@ -37,7 +37,8 @@ from compress.ggml import FALLBACK, FORMATS, ZERO_EXACT, GGMLSpec, format_for
 from compress.linalg import handle_dead_inputs, inverse_cholesky, sub_blocks
 from compress.masks import follows_nm
 from compress.passes.base import Layer, PassConfig, register, second_order_cost
-from compress.quantize import QuantResult, QuantSpec, column_groups, fit, grouped, rtn
+from compress.quantize import (QuantResult, QuantSpec, column_groups, fit, group_of, group_params, reorder_columns,
+                               round_column, rtn)
 
 GGUF_FORMATS = tuple(f"gguf-{f}" for f in FORMATS)
 FP_FORMATS = tuple(FP_GRIDS)
@@ -209,29 +210,26 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
     g = spec.group(d_in)
     static = static_groups or spec.group_size is None or spec.static_only   # per channel, ggml: up front
     info["dead_inputs"] = handle_dead_inputs(H, W)
-    scale, zero, raw = _group_params(W, H, keep, spec, static, hessian_fit)
+    scale, zero, raw = group_params(W, H, keep, spec, static, hessian_fit)
     if act_order:   # stable: equal H_jj (white statistics of a rare expert) keep their order
         perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)   # [..., in]
     else:
         perm = torch.arange(d_in, device=W.device).expand(H.shape[:-1])
-    H = _columns(H.gather(-2, perm.unsqueeze(-1).expand(H.shape)), perm)   # H[perm][:, perm]
-    W, keep = _columns(W, perm), _columns(keep, perm)
+    H = reorder_columns(H.gather(-2, perm.unsqueeze(-1).expand(H.shape)), perm)   # H[perm][:, perm]
+    W, keep = reorder_columns(W, perm), reorder_columns(keep, perm)
     gid = column_groups(d_in, spec, W.device)                  # group of each processed column
     if static and act_order:
         gid = gid[perm]                                        # groups stay contiguous in original order
     U = inverse_cholesky(H, percdamp, name, info)             # [..., in, in] upper
     del H
-    # Dynamic groups are fitted from the block's current weights: blocks hold whole groups.
-    B = blocksize if static else max(g, blocksize // g * g)
+    B = blocksize if static else max(g, blocksize // g * g)   # dynamic groups: blocks hold whole groups
     # Static groups: each processed column's scale and zero point, gathered once
     # ([..., out, in]); dynamic ones are read by group index as they are fitted.
     col_group = gid.tolist() if gid.dim() == 1 else gid        # python ints: cheap indexing in the loop
     if static:
         at = gid.unsqueeze(-2).expand(W.shape) if gid.dim() > 1 else gid.expand(W.shape)
         col_scale, col_zero = scale.gather(-1, at), zero.gather(-1, at)
-    # Floating-point grids round a column straight to its values (spec.snap); their codes are
-    # read off the finished columns after the loop. Other grids keep a code per column.
-    snap = getattr(spec, "snap", None) if static else None
+    snap = getattr(spec, "snap", None) if static else None   # FP grids: values per column, codes after the loop
     codes = torch.empty(W.shape, dtype=torch.float32 if snap else torch.uint8, device=W.device)
     dense = bool(keep.all())   # nothing pruned: no column needs the code of zero (one op less per column)
     for i1 in range(0, d_in, B):
@@ -245,8 +243,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
                 if not static and j % g == 0:
                     scale[..., j // g], zero[..., j // g] = fit(W1[..., i:i + g], K1[..., i:i + g], spec)
                 s, z = ((col_scale[..., j], col_zero[..., j]) if static               # [..., out]
-                        else (_group_of(scale, col_group, j), _group_of(zero, col_group, j)))
-                q, u = _round_column(spec, snap, W1[..., i], s, z, None if dense else K1[..., i])   # [..., out]
+                        else (group_of(scale, col_group, j), group_of(zero, col_group, j)))
+                q, u = round_column(spec, snap, W1[..., i], s, z, None if dense else K1[..., i])   # [..., out]
                 err = (W1[..., i] - q) / U1[..., i, i, None]                                      # [..., out]
                 W1[..., i:k2] -= err.unsqueeze(-1) * U1[..., i, None, i:k2]
                 Err1[..., i] = err
@@ -257,43 +255,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, 
         codes = spec.quantize(codes, col_scale, col_zero)
     inv = torch.argsort(perm, dim=-1)
     g_idx = None if static or not act_order else gid[inv].to(torch.int32)
-    return QuantResult(spec, _columns(codes.to(torch.uint8), inv), scale, zero, g_idx, raw=raw)
-
-
-def _round_column(spec, snap, w, s, z, keep):
-    """Column w [..., out] on the grid of scales s, zero points z: its values q, and what
-    the loop stores, the codes u (or, with snap, q itself); keep False -> the code of 0."""
-    if snap is not None:
-        q = snap(w, s)
-        q = q if keep is None else torch.where(keep, q, 0.0)
-        return q, q
-    u = spec.quantize(w, s, z)
-    if keep is not None:
-        u = torch.where(keep, u, spec.zero_code(s, z))
-    return spec.dequantize(u, s, z), u
-
-
-def _group_params(W, H, keep, spec, static: bool, hessian_fit: bool) -> tuple:
-    """Scale, zero [..., out, G] and stored extras. Static groups: fitted before the loop
-    (hessian_fit: H_jj [..., 1, G, g] weighs the fit's errors); dynamic: zeros to fill."""
-    if not static:
-        scale = W.new_zeros(*W.shape[:-1], spec.n_groups(W.shape[-1]))
-        return scale, torch.zeros_like(scale), None
-    imp = grouped(H.diagonal(dim1=-2, dim2=-1).unsqueeze(-2), spec) if hessian_fit else None
-    return spec.fit_raw(grouped(W, spec), grouped(keep, spec, fill=False), imp)
-
-
-def _columns(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """t [..., r, n] with its columns reordered by perm [..., n]."""
-    return t.gather(-1, perm.unsqueeze(-2).expand(t.shape))
-
-
-def _group_of(t: torch.Tensor, gid, j: int) -> torch.Tensor:
-    """t [..., out, G] at the group of processed column j: [..., out]. gid: the group
-    of each column (a list), or of each expert's columns [E, in]."""
-    if isinstance(gid, list):
-        return t[..., gid[j]]
-    return t.gather(-1, gid[..., j, None, None].expand(*t.shape[:-1], 1)).squeeze(-1)
+    return QuantResult(spec, reorder_columns(codes.to(torch.uint8), inv), scale, zero, g_idx, raw=raw)
 
 
 @register("quant", QuantConfig)
