@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def as_configs(passes) -> list[PassConfig]:
     """Accept configs or recipe-style entries `{name: {args}}`; validate each, the
     training data section of a model-level pass, and what a pass needs from the passes
-    after it (`PassConfig.link`)."""
+    after it (`PassConfig.link`) and before it (`PassConfig.follow`)."""
     out = []
     for i, p in enumerate(passes):
         if isinstance(p, PassConfig):
@@ -45,6 +45,7 @@ def as_configs(passes) -> list[PassConfig]:
             check_data(out[-1])
     for i, cfg in enumerate(out):   # passes that read the recipe after them (AWQ: the quant grid)
         cfg.link(out[i + 1:])
+        cfg.follow(out[:i])
     return out
 
 

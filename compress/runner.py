@@ -249,7 +249,8 @@ def preflight(model, sweep: list[PassConfig]) -> None:
                 names[n] = m
     for k, cfg in enumerate(sweep):
         if cfg.packs:
-            later = next(((c, n) for c in sweep[k + 1:] for n in names if c.applies_to(n) and cfg.applies_to(n)), None)
+            later = next(((c, n) for c in sweep[k + 1:] if not c.trains_packed(cfg)
+                          for n in names if c.applies_to(n) and cfg.applies_to(n)), None)
             if later:
                 raise CompressError(f"passes: {later[0].name} runs after {cfg.name} on {later[1]}, but {cfg.name} "
                                     f"packs the weights; put {cfg.name} last (restrict it with targets/ignore)")

@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 from compress.errors import CompressError
 from compress.experts import find_experts
 from compress.models import block_linears, find_blocks, head_of
+from compress.nn import ArmorLinear
 from compress.optim import adamw
+from compress.passes.base import PassConfig
 from compress.passes.perp import attach, merge
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,19 @@ def _checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def armor_layers(model, cfg, prefix: str, blocks) -> list[str]:
+    """Names of the ArmorLinear layers PERP's armor_* sets train (those its targets /
+    ignore pick); refused where the sets are asked for and there are none."""
+    if not cfg.armor_sets:
+        return []
+    names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, m in b.named_modules()
+             if isinstance(m, ArmorLinear) and PassConfig.applies_to(cfg, f"{prefix}.{i}.{n}")]
+    if not names:
+        raise CompressError(f"perp.train: {cfg.armor_sets[0]} asked for, but no layer perp targets is an "
+                            f"ARMOR layer (targets {cfg.targets}, ignore {cfg.ignore})")
+    return names
+
+
 def retrain(model, ids: torch.LongTensor, cfg, device: torch.device) -> dict:
     """PERP's retraining of `model` (in place) on token ids [n, seq] with next-token
     loss; the adapters are merged at the end. Returns the report entry: trainable
@@ -85,7 +100,8 @@ def retrain(model, ids: torch.LongTensor, cfg, device: torch.device) -> dict:
     if "lm_head" in cfg.train and head is None:
         raise CompressError("perp.train: lm_head asked for, but the model's output head is not a linear layer")
     total_params = sum(p.numel() for p in model.parameters())
-    adapters, params = attach(model, cfg, [n for n in linears if cfg.applies_to(n)], head, experts)
+    adapters, params = attach(model, cfg, [n for n in linears if cfg.applies_to(n)], head, experts,
+                              armor_layers(model, cfg, prefix, blocks))
     trainable = sum(p.numel() for p in params)
     # accelerate keeps one process-wide state; a second run in this process (other
     # mixed precision) must reset it. The distributed part (PartialState) stays.

@@ -87,3 +87,16 @@ def check_reload_packed(out, ids: torch.Tensor, logits: torch.Tensor, packed: di
             assert (a is None) == (b is None), (name, k)
             assert a is None or (a.dtype == b.dtype and torch.equal(a, b)), (name, k)
     return loaded, tok
+
+
+def armor_result(seed=4, out=16, d_in=32, b=8):
+    """A random ArmorResult: exact 2:4 core, wrappers near the identity (fp16)."""
+    from compress.nn.armor_linear import ArmorResult
+
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(out, d_in // 4, 4, dtype=torch.bool)
+    keep.scatter_(2, torch.rand(out, d_in // 4, 4, generator=g).topk(2, -1).indices, True)
+    core = torch.randn(out, d_in, generator=g) * keep.reshape(out, d_in)
+    A = torch.eye(b) + 0.1 * torch.randn(out // b, b, b, generator=g)
+    B = torch.eye(b) + 0.1 * torch.randn(d_in // b, b, b, generator=g)
+    return ArmorResult(A.half(), B.half(), core.half(), keep.reshape(out, d_in))

@@ -9,10 +9,10 @@ import compress
 from compress.errors import CompressError
 from compress.masks import nm_mask
 from compress.nn import ArmorLinear
-from compress.nn.armor_linear import ArmorResult, factor_product, pack_positions, unpack_core
+from compress.nn.armor_linear import factor_product, pack_positions, unpack_core
 from compress.passes.armor import ProxyLoss, discrete_step
 from compress.passes.base import Layer, make_config, pass_fn
-from helpers import check_cast_keeps_packed_state, check_reload_packed, correlated_inputs, is_nm, output_error, stats_of
+from helpers import armor_result, check_cast_keeps_packed_state, check_reload_packed, correlated_inputs, is_nm, output_error, stats_of
 
 
 def chain(W, stats, *passes) -> Layer:
@@ -157,18 +157,8 @@ def test_init_mask_needs_a_mask():
         chain(W, stats_of(X), ("armor", {"block_size": 4, "init": "mask"}))
 
 
-def _result(seed=4, out=16, d_in=32, b=8):
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.zeros(out, d_in // 4, 4, dtype=torch.bool)
-    keep.scatter_(2, torch.rand(out, d_in // 4, 4, generator=g).topk(2, -1).indices, True)
-    core = torch.randn(out, d_in, generator=g) * keep.reshape(out, d_in)
-    A = torch.eye(b) + 0.1 * torch.randn(out // b, b, b, generator=g)
-    B = torch.eye(b) + 0.1 * torch.randn(d_in // b, b, b, generator=g)
-    return ArmorResult(A.half(), B.half(), core.half(), keep.reshape(out, d_in))
-
-
 def test_module_matches_its_effective_weight():
-    res = _result()
+    res = armor_result()
     bias = torch.randn(16)
     m = ArmorLinear.from_result(res, bias)
     assert torch.equal(m.effective_weight(), res.dequantize())
@@ -180,14 +170,14 @@ def test_module_matches_its_effective_weight():
 
 
 def test_module_keeps_a_zero_kept_value():
-    res = _result()
+    res = armor_result()
     res.core[0, res.mask[0].nonzero()[0, 0]] = 0.0                          # a kept value of 0
     m = ArmorLinear.from_result(res)
     assert torch.equal(m.core(), res.core.float()) and is_nm(m.core(), 2, 4)
 
 
 def test_cast_keeps_packed_state():
-    mods = torch.nn.ModuleList([ArmorLinear.from_result(_result(), torch.randn(16)), ArmorLinear.from_result(_result(5))])
+    mods = torch.nn.ModuleList([ArmorLinear.from_result(armor_result(), torch.randn(16)), ArmorLinear.from_result(armor_result(5))])
     check_cast_keeps_packed_state(mods, 32, dense_forward=False)
 
 

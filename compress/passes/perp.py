@@ -9,6 +9,9 @@ what full retraining would. The trainable sets (combinable, `train: [...]`):
     masklora   W' = W + s * (B A ⊙ M)      on the targeted linears, M = (W != 0)
     scalelora  W' = W ⊙ (B A)               on the targeted linears, B A = 1 at the start
     lm_head    an ordinary LoRA W' = W + s * B A on the output head
+    armor_wrappers, armor_core   after ARMOR: its layers' own factors A, B or kept core
+               values (compress.passes.perp_armor); the adapters above then go on the
+               dense linears ARMOR left
 
 B [out, r], A [r, in], s = alpha / r. MaskLoRA and ScaleLoRA change only kept weights,
 so merging W' into the layer leaves the sparsity mask exactly as it was (a 2:4 layer
@@ -42,11 +45,14 @@ from compress.errors import CompressError
 from compress.models import get_weight, is_linear, set_weight
 from compress.optim import fit
 from compress.passes.base import BlockContext, PassConfig, register, register_block
+from compress.passes.perp_armor import SETS as ARMOR_SETS
+from compress.passes.perp_armor import ArmorTrain, attach_armor, merge_armor
 from compress.passes.perp_experts import ExpertsLoRA, attach_experts, merge_experts
+from compress.passes.perp_lora import Adapter
 
 log = logging.getLogger(__name__)
 
-TRAINABLE = ("bias", "norm", "masklora", "scalelora", "lm_head")
+TRAINABLE = ("bias", "norm", "masklora", "scalelora", "lm_head", *ARMOR_SETS)
 
 
 @dataclass
@@ -104,6 +110,20 @@ class PerpConfig(PassConfig):
         return next((t for t in self.train if t in ("masklora", "scalelora")), None)
 
     @property
+    def armor_sets(self) -> list[str]:
+        return [t for t in self.train if t in ARMOR_SETS]
+
+    def follow(self, earlier: list) -> None:
+        if self.armor_sets and not any(c.name == "armor" for c in earlier):
+            raise CompressError(f"perp.train: {self.armor_sets[0]} trains the layers ARMOR packs, but no armor pass "
+                                f"runs before perp")
+
+    def trains_packed(self, packer: PassConfig) -> bool:
+        """Whether this run trains the layers `packer` packs (ARMOR's, with armor_*), so
+        that its adapters go on the other linears only."""
+        return packer.name == "armor" and bool(self.armor_sets)
+
+    @property
     def model_level(self) -> bool:
         return self.mode == "retrain"
 
@@ -117,42 +137,6 @@ class PerpConfig(PassConfig):
 
     def applies_to(self, name: str) -> bool:
         return self.adapter is not None and super().applies_to(name)
-
-
-class Adapter(nn.Module):
-    """A frozen linear `base` plus a trainable low-rank factor (MaskLoRA, ScaleLoRA or
-    LoRA). The effective weight is materialized per forward: out x in x r extra work,
-    small next to the batch matmul, and it is exactly what `merge` writes."""
-
-    def __init__(self, base: nn.Module, kind: str, rank: int, scaling: float, generator: torch.Generator):
-        super().__init__()
-        out, d_in = get_weight(base).shape
-        self.base, self.kind, self.s = base, kind, scaling
-        r = min(rank, out, d_in)
-        A = torch.empty(r, d_in)
-        bound = 1 / math.sqrt(d_in)                    # LoRA's kaiming-uniform(a=sqrt 5) bound
-        A.uniform_(-bound, bound, generator=generator)
-        B = torch.zeros(out, r)
-        if kind == "scalelora":                        # B A = 1 with all r components free
-            A[0], B[:, 0] = 1.0, 1.0
-        dev = base.weight.device
-        self.A, self.B = nn.Parameter(A.to(dev)), nn.Parameter(B.to(dev))
-
-    def weight(self) -> torch.Tensor:
-        """W' [out, in] in fp32."""
-        W = get_weight(self.base).float()
-        BA = self.B @ self.A
-        if self.kind == "scalelora":
-            return W * BA
-        if self.kind == "masklora":
-            return W + self.s * torch.where(W != 0, BA, torch.zeros((), device=W.device))
-        return W + self.s * BA
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().to(x.dtype), self.base.bias)
-
-    def parameters_to_train(self) -> list[nn.Parameter]:
-        return [self.A, self.B]
 
 
 def _adapt(root: nn.Module, names: list[str], kind: str, cfg: PerpConfig, gen, experts=()) -> dict:
@@ -177,21 +161,28 @@ def _adapt(root: nn.Module, names: list[str], kind: str, cfg: PerpConfig, gen, e
     return adapters
 
 
-def attach(root: nn.Module, cfg: PerpConfig, linears: list[str], head: Optional[str] = None, experts=()):
+def attach(root: nn.Module, cfg: PerpConfig, linears: list[str], head: Optional[str] = None, experts=(),
+           armor=()):
     """Freeze `root`, wrap `linears` (qualified names under root; fused experts' layers
-    of `experts` included) in adapters, and mark the chosen biases and norm weights
-    trainable. Returns (adapters, trainable params)."""
+    of `experts` included) in adapters, ARMOR's layers `armor` in trainable factors
+    (armor_*), and mark the chosen biases and norm weights trainable. Returns (adapters,
+    trainable params)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     for p in root.parameters():
         p.requires_grad_(False)
     adapters = _adapt(root, linears, cfg.adapter, cfg, gen, experts) if cfg.adapter else {}
+    if cfg.adapter and not adapters:
+        raise CompressError(f"perp.train: {cfg.adapter} selects no dense linear layer (targets {cfg.targets}, "
+                            f"ignore {cfg.ignore}); layers ARMOR packed train with armor_wrappers / armor_core")
+    if cfg.armor_sets:
+        adapters.update(attach_armor(root, list(armor), cfg.armor_sets))
     if head is not None and "lm_head" in cfg.train:
         adapters.update(_adapt(root, [head], "lora", cfg, gen))
     params = [p for a in adapters.values() for p in a.parameters_to_train()]
     for name, m in root.named_modules():
         is_norm = "norm" in type(m).__name__.lower()
         for pname, p in m.named_parameters(recurse=False):
-            if isinstance(m, (Adapter, ExpertsLoRA)) or "parametrizations" in name:
+            if isinstance(m, (Adapter, ExpertsLoRA, ArmorTrain)) or "parametrizations" in name:
                 continue
             if (is_norm and "norm" in cfg.train) or (pname == "bias" and "bias" in cfg.train):
                 p.requires_grad_(True)
@@ -210,8 +201,9 @@ def merge(root: nn.Module, adapters: dict[str, Adapter], write: bool = True) -> 
     bit for bit. Returns merge notes."""
     fused = [a for a in adapters.values() if isinstance(a, ExpertsLoRA)]
     kept_back = merge_experts(fused, write)
+    merge_armor(root, {n: a for n, a in adapters.items() if isinstance(a, ArmorTrain)}, write)
     for n, a in adapters.items():
-        if isinstance(a, ExpertsLoRA):
+        if isinstance(a, (ExpertsLoRA, ArmorTrain)):
             continue
         if not write:
             root.set_submodule(n, a.base)
