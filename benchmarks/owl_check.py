@@ -4,11 +4,11 @@ allocation taken two other ways, on SmolLM2-135M under the engine protocol.
     peer   the per-block sparsities llm-compressor's OWL run realized (read off its pruned
            weights, as `python benchmarks/prune.py --allocation` cached them), so only
            the pruning differs from its run;
-    all    our own survey over all 128 calibration samples (`survey_samples: null`),
-           as llm-compressor's OWL reads them, instead of the default first 32.
+    survey our own survey over the first --survey-samples calibration samples (0: all 128,
+           as llm-compressor's OWL reads them; default: the config's default).
 
     python benchmarks/owl_check.py --data-dir ../shared/data [--method wanda] [--sparsity 70]
-                                   [--mode peer|all] [--work benchmarks/.cache/prune]
+                                   [--mode peer|survey] [--survey-samples N] [--work benchmarks/.cache/prune]
 
 Prints the allocation, the compression seconds and the perplexity (64 WikiText-2 windows).
 """
@@ -41,7 +41,8 @@ def main() -> None:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--method", default="wanda", choices=["wanda", "sparsegpt"])
     ap.add_argument("--sparsity", type=int, default=70)
-    ap.add_argument("--mode", default="peer", choices=["peer", "all"])
+    ap.add_argument("--mode", default="peer", choices=["peer", "survey"])
+    ap.add_argument("--survey-samples", type=int, default=None)
     ap.add_argument("--work", default=str(HERE / ".cache" / "prune"))
     a = ap.parse_args()
     a.nsamples, a.seqlen, a.windows = 128, 512, 64
@@ -64,13 +65,13 @@ def main() -> None:
             return {}
         survey.survey = given
         print("llm-compressor's allocation:", " ".join(f"{v:.4f}" for v in alloc.values()), flush=True)
-    else:
-        cfg["survey_samples"] = None
+    elif a.survey_samples is not None:
+        cfg["survey_samples"] = a.survey_samples or None
     t = time.perf_counter()
     compress.run(model, [{a.method: cfg}], calib=ids, batch_size=8)
     seconds = time.perf_counter() - t
     ppl = evaluate(model, windows, batch_size=8, desc="ppl")["ppl"]
-    print(f"{a.method} {a.sparsity}% OWL, allocation {a.mode}: ppl {ppl:.2f} in {seconds:.1f} s")
+    print(f"{a.method} {a.sparsity}% OWL, allocation {a.mode} ({a.survey_samples}): ppl {ppl:.2f} in {seconds:.1f} s")
 
 
 if __name__ == "__main__":

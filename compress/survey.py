@@ -123,7 +123,7 @@ def survey(model, configs: list, ids: torch.Tensor, *, device=None, batch_size: 
             inputs, outs = calib.block(i), []
             with run_in_dtype(block, dtype):
                 stats = collect_stats(block, linears, inputs, False, device, outputs=outs, act_device=device, moe=moe)
-            weight = influence(inputs, outs)
+            weight = influence(inputs, outs) if any(c.allocation == "budget" for c in todo) else 1.0
             calib.hidden = outs
             for k, cfg in enumerate(todo):
                 mine = {n: m for n, m in linears.items() if hits(n, m, cfg)}

@@ -59,8 +59,9 @@ class SparsityConfig(PassConfig):
                 ||h_out - h_in||^2 / ||h_out||^2 (how much of the residual stream the
                 block rewrites); 'none': relative errors count alike
     survey_samples  calibration samples the survey reads (the first ones; null: all).
-                Input norms settle on a few thousand tokens, and the survey's forward
-                over all samples would add about a third to a Wanda run"""
+                On SmolLM2 the OWL allocations from 16, 24 and 32 samples all lie
+                within 0.0044 of the one from all 128, while the survey's forward costs
+                ~1/14 of a Wanda run per 16 samples (all 128: about half of one)"""
 
     sparsity: Optional[float] = None
     pattern: str = "unstructured"
@@ -70,7 +71,7 @@ class SparsityConfig(PassConfig):
     owl_lambda: float = 0.08
     budget_spread: float = 0.2
     budget_weight: str = "influence"
-    survey_samples: Optional[int] = 32
+    survey_samples: Optional[int] = 16
 
     default_scope = "row"   # class-level: the scope when the recipe sets none
 
