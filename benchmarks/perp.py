@@ -15,12 +15,21 @@ STEPS optimizer steps of 4 sequences (bf16 autocast on this CPU). Rows (`--rows`
     wanda24_recon      + PERP mode reconstruct: MaskLoRA fitted block by block to the
                        dense block's outputs on the calibration batches (8 steps of
                        one 8 x 512 batch per block, lr 1e-2, fp32)
+    sgpt24             {"sparsegpt": {"pattern": "2:4"}}
+    armor24            SparseGPT 2:4, then {"armor": {}} (ARMOR's default; the start of the rows below)
+    armor24_norm       + PERP, norms only
+    armor24_wrappers   + PERP: norms + ARMOR's wrappers A and B (armor_wrappers)
+    armor24_core       + PERP: norms + ARMOR's kept core values (armor_core)
+    armor24_all        + PERP: norms + wrappers + core values
+    armor24_all_s60, armor24_all_s240   the same with 60 and 240 steps
     mag60              {"magnitude": {"sparsity": 0.6}}
     mag60_norm         + PERP, norms only
     mag60_masklora     + PERP: norms + MaskLoRA
 
 SmolLM2 (Llama) has no biases, so the "bias" set is empty here. "seconds" is the whole
-compress.run (pruning and PERP); "train s" the PERP part. benchmarks/rows.py says what
+compress.run (pruning and PERP); "train s" the PERP part. The armor24_* rows continue
+from the model armor24 saved (benchmarks/rows.py, "start"): their seconds add armor24's,
+their peak RSS is the PERP process's own. benchmarks/rows.py says what
 else is measured; the norm weights PERP trained travel with the linear weights.
 
     python benchmarks/perp.py --data-dir ../shared/data [--rows dense,wanda24,wanda24_masklora,...]
@@ -37,6 +46,9 @@ NAME = "perp"
 STEPS, RANK, LR = 120, 4, 1e-3
 WANDA24 = {"wanda": {"pattern": "2:4"}}
 MAG60 = {"magnitude": {"sparsity": 0.6}}
+SGPT24 = {"sparsegpt": {"pattern": "2:4"}}
+AFTER_ARMOR = {"start": "armor24"}          # continue from the model of row armor24
+ALL = ("norm", "armor_wrappers", "armor_core")
 
 
 def perp(*train, **kw):
@@ -51,10 +63,20 @@ ROWS = {  # key: (label, passes)
     "wanda24_scalelora": (f"Wanda 2:4 + PERP norms + ScaleLoRA r{RANK}", [WANDA24, perp("norm", "scalelora")]),
     "wanda24_recon": (f"Wanda 2:4 + PERP reconstruct, MaskLoRA r{RANK}",
                       [WANDA24, perp("masklora", mode="reconstruct", steps=8, lr=1e-2)]),
+    "sgpt24": ("SparseGPT 2:4", [SGPT24]),
+    "armor24": ("ARMOR 2:4 from SparseGPT", [SGPT24, {"armor": {}}]),
+    "armor24_norm": ("ARMOR 2:4 + PERP norms", [perp("norm")], AFTER_ARMOR),
+    "armor24_wrappers": ("ARMOR 2:4 + PERP norms + wrappers", [perp("norm", "armor_wrappers")], AFTER_ARMOR),
+    "armor24_core": ("ARMOR 2:4 + PERP norms + core", [perp("norm", "armor_core")], AFTER_ARMOR),
+    "armor24_all": ("ARMOR 2:4 + PERP norms + wrappers + core", [perp(*ALL)], AFTER_ARMOR),
+    "armor24_all_s60": ("ARMOR 2:4 + PERP norms + wrappers + core, 60 steps", [perp(*ALL, steps=60)], AFTER_ARMOR),
+    "armor24_all_s240": ("ARMOR 2:4 + PERP norms + wrappers + core, 240 steps", [perp(*ALL, steps=240)],
+                         AFTER_ARMOR),
     "mag60": ("magnitude 60%", [MAG60]),
     "mag60_norm": ("magnitude 60% + PERP norms", [MAG60, perp("norm")]),
     "mag60_masklora": (f"magnitude 60% + PERP norms + MaskLoRA r{RANK}", [MAG60, perp("norm", "masklora")]),
 }
+GAP_TO = "sgpt24"   # the issue-26 column: gap to dense / SparseGPT 2:4's gap
 EXTRA = [("trainable %", "trainable_pct", ".3f"), ("steps", "steps", "d"), ("tokens", "tokens", "d"),
          ("train s", "train_seconds", ".1f")]
 
@@ -82,6 +104,9 @@ TARGETS = [  # (text, rows needed, check on {key: row})
     ("... and removes more of magnitude 60 %'s gap than of Wanda 2:4's",
      ["dense", "wanda24", "wanda24_masklora", "mag60", "mag60_masklora"],
      lambda r: _closed(r, "mag60_masklora", "mag60") > _closed(r, "wanda24_masklora", "wanda24")),
+    ("ARMOR 2:4 + PERP at most 45 perplexity (1.5x dense): the best armor24_* row measured",
+     ["dense", "armor24"],
+     lambda r: min(v["ppl"] for k, v in r.items() if k.startswith("armor24_") and "ppl" in v) <= 45),
     ("the mask after merging is the mask before: exact 2:4 and zero fraction unchanged",
      ["wanda24", "wanda24_masklora", "wanda24_scalelora"],
      lambda r: all(r[k]["exact_24"] and r[k]["zeros"] == r["wanda24"]["zeros"]

@@ -63,6 +63,12 @@ def worker_ours(args) -> None:
     weights = {k: v.contiguous() for k, v in model.state_dict().items() if ".layers." in k and k.endswith("proj.weight")}
     blocks = {k: {b: v["sparsity"] for b, v in e["blocks"].items()} for k, e in (report["allocation"] or {}).items()}
     save_worker_output(Path(args.out), weights, {"seconds": seconds, "allocation": blocks})
+    if report["allocation"]:   # what `compress run` writes beside its output: the allocation and its plot
+        from compress.plots import plot_sparsity
+
+        keep = {k: report[k] for k in ("allocation", "layers")}
+        (Path(args.out) / "report.json").write_text(json.dumps(keep, indent=1, default=str))
+        plot_sparsity(keep, Path(args.out) / "sparsity.png")
 
 
 def save_worker_output(out: Path, weights: dict, result: dict) -> None:

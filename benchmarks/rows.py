@@ -11,7 +11,9 @@ computed in the parent, from the dense model with them swapped in. Below the tab
 suite's targets are checked.
 
 A suite is a module with ROWS {key: (label, passes[, compress.run options])}, TARGETS [(text, keys, check)],
-NOTE, NAME (its cache folder) and a docstring, whose `__main__` calls `main(suite)`.
+NOTE, NAME (its cache folder) and a docstring, whose `__main__` calls `main(suite)`. The option "start": KEY
+continues from the model row KEY saved (WORK/KEY/model; its seconds are added), so rows that differ only in
+their last passes share the work before them.
 A suite may add EVAL(model, args) -> {field: value}, called with the row's weights in
 the model after its perplexity, and ARGS [(flag, argparse keywords)], options of its own.
 A suite with PEER {key: [arguments of benchmarks/peer_llmc_quant.py]} also runs those
@@ -97,20 +99,31 @@ def worker(suite, a) -> None:
     from compress.loading import load_model
 
     passes = suite.ROWS[a.row][1]
-    options = suite.ROWS[a.row][2] if len(suite.ROWS[a.row]) > 2 else {}   # compress.run's runner options
+    options = dict(suite.ROWS[a.row][2]) if len(suite.ROWS[a.row]) > 2 else {}   # compress.run's runner options
+    start = options.pop("start", None)
     why = unavailable(passes)
     if why:
         raise SystemExit(why)
     from calib import CalibConfig
 
-    model, tok = load_model("smollm2-135m")
+    work, before = Path(a.out).parent, 0.0
+    if start:   # continue from the model row `start` saved; its seconds count as ours
+        model, tok = compress.load(str(work / start / "model"), dtype=torch.float32)
+        before = json.loads((work / start / "result.json").read_text())["seconds"]
+    else:
+        model, tok = load_model("smollm2-135m")
     ids = torch.load(a.calib)
     calib_cfg = CalibConfig(source="c4", nsamples=a.nsamples, seqlen=a.seqlen, seed=0)  # what `prepare` drew
     t0 = time.perf_counter()
     _, report = compress.run(model, passes, calib=ids, tokenizer=tok, calib_config=calib_cfg, batch_size=a.batch_size,
                              **options)
-    seconds = time.perf_counter() - t0
-    targeted = {r["layer"]: model.get_submodule(r["layer"]) for r in report["layers"]}
+    seconds = time.perf_counter() - t0 + before
+    if any(len(r) > 2 and r[2].get("start") == a.row for r in suite.ROWS.values()):   # a start of other rows
+        compress.save(str(Path(a.out) / "model"), model, tok, report=report)
+    layers = [r["layer"] for r in report["layers"]]
+    if start:   # the start's layers: what its run compressed
+        layers = [r["layer"] for r in json.loads((work / start / "model" / "report.json").read_text())["layers"]]
+    targeted = {n: model.get_submodule(n) for n in dict.fromkeys(layers)}
     weights, stats = measure(targeted, is_24(passes))
     weights.update({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
                     if "norm" in k and k not in weights})   # AWQ folds its scales into the norms
@@ -132,6 +145,12 @@ def dense_row(model) -> dict:
 def table(suite, rows: dict) -> str:
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     extra = getattr(suite, "EXTRA", [])  # [(header, result key, format)] after the fixed columns
+    base = getattr(suite, "GAP_TO", None)   # a row key: "gap to dense / its gap" as a column
+    if base and "ppl" in rows.get(base, {}) and "ppl" in rows.get("dense", {}):
+        dense, gap = rows["dense"]["ppl"], rows[base]["ppl"] - rows["dense"]["ppl"]
+        for r in rows.values():
+            r["gap_ratio"] = (r["ppl"] - dense) / gap if "ppl" in r else None
+        extra = [(f"gap to dense ÷ {suite.ROWS[base][0]}'s", "gap_ratio", ".3f"), *extra]
     lines = ["| row | key | ppl | seconds | peak RSS MiB | bits/weight | zero fraction | 2:4 exact | extra params % |"
              + "".join(f" {h} |" for h, _, _ in extra), "|" + "---|" * (9 + len(extra))]
     for key, r in rows.items():
@@ -234,6 +253,11 @@ def main(suite) -> None:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    for i, k in enumerate(keys):   # a row that continues another needs that row's model first
+        start = ROWS[k][2].get("start") if len(ROWS[k]) > 2 else None
+        if start and start not in keys[:i] and not (work / start / "model" / "config.json").exists():
+            raise SystemExit(f"--rows: row {k} continues from row {start}, whose model is not in {work}; "
+                             f"list {start} before {k}")
     skip = {k: why for k in keys if (why := unavailable(ROWS[k][1]))}
     for k, why in skip.items():
         print(f"row {k} will fail: {why}", flush=True)

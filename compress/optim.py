@@ -29,7 +29,8 @@ def lr_factor(cfg, total: int) -> Callable[[int], float]:
 
 
 def adamw(params, cfg, total: int):
-    """AdamW on `params` with the schedule of `lr_factor` over `total` steps: (optimizer, scheduler)."""
+    """AdamW on `params` (tensors, or parameter groups whose own "lr" overrides cfg.lr) with
+    the schedule of `lr_factor` over `total` steps: (optimizer, scheduler)."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total))
 

@@ -19,6 +19,7 @@ from compress.nn import ArmorLinear
 from compress.optim import adamw
 from compress.passes.base import PassConfig
 from compress.passes.perp import attach, merge
+from compress.passes.perp_armor import ArmorTrain
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ def retrain(model, ids: torch.LongTensor, cfg, device: torch.device) -> dict:
     adapters, params = attach(model, cfg, [n for n in linears if cfg.applies_to(n)], head, experts,
                               armor_layers(model, cfg, prefix, blocks))
     trainable = sum(p.numel() for p in params)
+    own = {id(p) for a in adapters.values() if isinstance(a, ArmorTrain) for p in a.parameters_to_train()}
+    groups = [g for g in ({"params": [p for p in params if id(p) not in own]},
+                          {"params": [p for p in params if id(p) in own], "lr": cfg.armor_learning_rate}) if g["params"]]
     # accelerate keeps one process-wide state; a second run in this process (other
     # mixed precision) must reset it. The distributed part (PartialState) stays.
     AcceleratorState._reset_state()
@@ -111,7 +115,7 @@ def retrain(model, ids: torch.LongTensor, cfg, device: torch.device) -> dict:
                       cpu=device.type == "cpu")
     loader = torch.utils.data.DataLoader(ids, batch_size=cfg.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(cfg.seed), drop_last=len(ids) >= cfg.batch_size)
-    opt, sched = adamw(params, cfg, cfg.steps)
+    opt, sched = adamw(groups, cfg, cfg.steps)   # ARMOR's own factors at armor_lr
     was_training = model.training
     if cfg.grad_checkpointing:
         _checkpointing(model, True)

@@ -61,7 +61,7 @@ def test_end_to_end_lowers_the_loss_keeps_positions_and_reloads(tiny_llama, tiny
     armored, _ = compress.run(copy.deepcopy(tiny_llama), [{"sparsegpt": {"pattern": "2:4"}},
                                                           {"armor": {"block_size": 16, "iters": 5}}], calib=ids,
                               batch_size=4)
-    perp = {"train": ["norm", "armor_wrappers", "armor_core"], "steps": 30, "lr": 1e-2, "batch_size": 4,
+    perp = {"train": ["norm", "armor_wrappers", "armor_core"], "steps": 30, "lr": 1e-2, "armor_lr": 1e-2, "batch_size": 4,
             "warmup": 0.0, "data": SELF}
     model, report = compress.run(tiny_llama, [{"sparsegpt": {"pattern": "2:4"}},
                                               {"armor": {"block_size": 16, "iters": 5}}, {"perp": perp}],
@@ -116,3 +116,27 @@ def test_masklora_with_every_layer_packed_is_refused(tiny_llama, tiny_tokenizer)
         compress.run(tiny_llama, [{"armor": {"block_size": 16, "iters": 1}},
                                   {"perp": {"train": ["armor_core", "masklora"], "steps": 1, "data": SELF}}],
                      calib=ids, tokenizer=tiny_tokenizer)
+
+
+def test_armor_lr_sets_the_rate_of_armor_factors_only(tiny_llama, tiny_tokenizer):
+    # At armor_lr 1e-30 Adam moves ARMOR's factors by ~1e-30: nothing survives the fp16
+    # rounding of the merge, while the norms (at lr) do train.
+    ids = torch.randint(0, len(tiny_tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
+    armored = [{"sparsegpt": {"pattern": "2:4"}}, {"armor": {"block_size": 16, "iters": 2}}]
+    start, _ = compress.run(copy.deepcopy(tiny_llama), armored, calib=ids, batch_size=4)
+    perp = {"train": ["norm", "armor_wrappers", "armor_core"], "steps": 3, "lr": 1e-2, "armor_lr": 1e-30,
+            "data": SELF}
+    model, _ = compress.run(tiny_llama, armored + [{"perp": perp}], calib=ids, tokenizer=tiny_tokenizer, batch_size=4)
+    before = start.state_dict()
+    for k, v in model.state_dict().items():
+        if k.endswith((".A", ".B", ".values", ".positions")):
+            assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if "norm" in k)
+
+
+@pytest.mark.parametrize("value", [0, -1e-3, "fast", True])
+def test_bad_armor_lr(value):
+    from compress.passes.base import make_config
+
+    with pytest.raises(CompressError, match="perp.armor_lr: expected a positive number"):
+        make_config("perp", {"train": ["armor_core"], "armor_lr": value})

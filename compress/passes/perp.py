@@ -52,6 +52,9 @@ from compress.passes.perp_lora import Adapter
 
 log = logging.getLogger(__name__)
 
+# ARMOR's factors are the layer's own weights, trained outright, where an adapter is a
+# low-rank update from zero: as full fine-tuning takes about a tenth of LoRA's rate.
+ARMOR_LR = 0.1
 TRAINABLE = ("bias", "norm", "masklora", "scalelora", "lm_head", *ARMOR_SETS)
 
 
@@ -64,6 +67,7 @@ class PerpConfig(PassConfig):
     rank: int = 16                 # r of the adapters (the paper's default)
     alpha: Optional[float] = None  # s = alpha / r; default 2 r (s = 2), as the paper
     lr: float = 5e-4               # peak learning rate (AdamW)
+    armor_lr: Optional[float] = None  # of armor_wrappers / armor_core; default lr / 10 (see ARMOR_LR)
     steps: int = 100               # optimizer steps (retrain); per block (reconstruct)
     batch_size: int = 4            # sequences per forward
     grad_accum: int = 1            # forwards per optimizer step
@@ -96,6 +100,9 @@ class PerpConfig(PassConfig):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi or (key == "lr" and v == 0):
                 raise CompressError(f"perp.{key}: expected a number in {'(' if key == 'lr' else '['}{lo}, {hi}], got {v!r}")
+        if self.armor_lr is not None and (isinstance(self.armor_lr, bool) or not isinstance(self.armor_lr, (int, float))
+                                          or not self.armor_lr > 0):
+            raise CompressError(f"perp.armor_lr: expected a positive number, got {self.armor_lr!r}")
         if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))):
             raise CompressError(f"perp.alpha: expected a number, got {self.alpha!r}")
         if self.mode == "reconstruct" and (self.adapter is None or len(self.train) > 1):
@@ -130,6 +137,10 @@ class PerpConfig(PassConfig):
     @property
     def uses_layers(self) -> bool:
         return self.adapter is not None
+
+    @property
+    def armor_learning_rate(self) -> float:
+        return self.lr * ARMOR_LR if self.armor_lr is None else float(self.armor_lr)
 
     @property
     def scaling(self) -> float:
