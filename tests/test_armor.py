@@ -216,3 +216,22 @@ def test_bad_config(args, field):
 def test_fast_preset():
     assert make_config("armor", {"preset": "fast"}).n_iters < make_config("armor", {}).n_iters
     assert make_config("armor", {"preset": "fast", "iters": 7}).n_iters == 7
+
+
+def test_best_support_equals_its_slow_twin():
+    # The slow, obvious form: gather g for all six supports, evaluate, take max(-1).
+    from compress.kernels.reference import PAIRS
+    from compress.passes.armor import best_support
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(24, 10, 4, generator=gen)
+    Q = torch.randn(10, 4, 4, generator=gen)
+    Q = Q @ Q.transpose(1, 2) + torch.eye(4)
+    Qi = torch.linalg.inv(Q[:, PAIRS[:, :, None], PAIRS[:, None, :]])                # [10, 6, 2, 2]
+    gp, gq = g[..., PAIRS[:, 0]], g[..., PAIRS[:, 1]]
+    slow = Qi[..., 0, 0] * gp * gp + 2 * Qi[..., 0, 1] * gp * gq + Qi[..., 1, 1] * gq * gq
+    value, k = best_support(g, Qi)
+    assert torch.allclose(value, slow.max(-1).values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(k, slow.max(-1).indices)
+    g[0, 0] = 0.0   # a tie across all six supports: the first one, as max(-1) picks
+    assert best_support(g, Qi)[1][0, 0] == 0

@@ -163,6 +163,26 @@ def group_Q(B: torch.Tensor, loss: ProxyLoss, b: int) -> torch.Tensor:
     return Q + 1e-6 * Q.diagonal(dim1=1, dim2=2).mean() * torch.eye(4, device=Q.device)
 
 
+def best_support(g: torch.Tensor, Qi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """max over the 6 supports (p, q) of every group of g_S^T Q_S^-1 g_S, and its index:
+    g [out, in/4, 4], Qi [in/4, 6, 2, 2] the inverses of Q restricted to each support.
+    Support by support on [out, in/4] planes with a running max: no [out, in/4, 6]
+    gathers (2.3x faster single-threaded on a 576 x 1536 layer than gathering g for all six;
+    tests/test_armor.py keeps that form as the slow twin)."""
+    a, b2, c = (x.T.contiguous() for x in (Qi[..., 0, 0], 2 * Qi[..., 0, 1], Qi[..., 1, 1]))   # [6, in/4]
+    gs = g.unbind(-1)
+    sq = [x * x for x in gs]
+    best = k = None
+    for j, (p, q) in enumerate(PAIRS.tolist()):
+        v = torch.addcmul(torch.addcmul(sq[p] * a[j], sq[q], c[j]), gs[p] * gs[q], b2[j])   # [out, in/4]
+        if best is None:
+            best, k = v, torch.zeros_like(v, dtype=torch.long)
+        else:   # strictly greater: ties keep the first support, as max(-1) does
+            better = v > best
+            best, k = torch.where(better, v, best), torch.where(better, j, k)
+    return best, k
+
+
 @torch.no_grad()
 def discrete_step(A, B, V, M, G, loss: ProxyLoss, b: int, before: float) -> int:
     """Re-solve the core group of largest loss drop in every (A block, B block) pair,
@@ -181,9 +201,8 @@ def discrete_step(A, B, V, M, G, loss: ProxyLoss, b: int, before: float) -> int:
     current = 2 * (g * s_old).sum(-1) - (s_old * qs).sum(-1)                    # [out, in/4]
     pairs = PAIRS.to(V.device)
     Qi = torch.linalg.inv(Q[:, pairs[:, :, None], pairs[:, None, :]])          # [in/4, 6, 2, 2]
-    gp, gq = g[..., pairs[:, 0]], g[..., pairs[:, 1]]                           # [out, in/4, 6]
-    value = (Qi[..., 0, 0] * gp * gp + 2 * Qi[..., 0, 1] * gp * gq + Qi[..., 1, 1] * gq * gq) / an[..., None]
-    value, k = value.max(-1)                                                    # best support
+    value, k = best_support(g, Qi)
+    value = value / an
     gain = (value - current).reshape(nA, b, nB, gpb).permute(0, 2, 1, 3).reshape(nA, nB, b * gpb)
     best, pick = gain.max(-1)                                                   # [nA, nB]
     jA, kB = torch.meshgrid(torch.arange(nA, device=V.device), torch.arange(nB, device=V.device), indexing="ij")
@@ -192,7 +211,7 @@ def discrete_step(A, B, V, M, G, loss: ProxyLoss, b: int, before: float) -> int:
     if r.numel() == 0:
         return 0
     kk = k[r, c]
-    sS = (Qi[c, kk] @ torch.stack([gp[r, c, kk], gq[r, c, kk]], -1)[..., None])[..., 0] / an[r]
+    sS = (Qi[c, kk] @ g[r[:, None], c[:, None], pairs[kk]][..., None])[..., 0] / an[r]      # [n, 2]
     new = torch.zeros(r.numel(), 4, device=V.device).scatter_(1, pairs[kk], sS)
     support = torch.zeros(r.numel(), 4, dtype=torch.bool, device=V.device).scatter_(1, pairs[kk], True)
     cols = c[:, None] * 4 + torch.arange(4, device=V.device)
