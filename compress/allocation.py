@@ -26,6 +26,7 @@ the last step is taken in part so that the budget holds exactly.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from compress.errors import CompressError
@@ -53,14 +54,23 @@ def owl(ratios: list[float], sizes: list[int], target: float, lam: float) -> lis
     return s.tolist()
 
 
+def ascending(x: torch.Tensor) -> torch.Tensor:
+    """x sorted along its last dimension. On the CPU numpy's SIMD sort gives the same
+    values 3-4x faster than torch.sort (a whole SmolLM2 MLP layer: 28 against 84 ms)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.contiguous().numpy(), axis=-1))
+    return x.sort(dim=-1).values
+
+
 def error_curve(score: torch.Tensor, grid: torch.Tensor, scope: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(E [K], pruned [K], total): the sum of score^2 a ranking by `score` [..., out, in]
     drops at each sparsity of `grid` [K], how many weights that prunes, and the sum of all
     score^2. scope 'row' ranks within each row (the same count per row, as
     compress.masks.topk_mask), 'layer' over each whole matrix."""
-    a2 = score.double().square()
-    flat = a2 if scope == "row" else a2.reshape(*a2.shape[:-2], 1, -1)  # [..., rows, n]
-    cum = flat.sort(dim=-1).values.cumsum(-1).reshape(-1, flat.shape[-1]).sum(0)    # [n] over all rows
+    s = score.detach().float()                                          # >= 0: sorts as score^2 does
+    flat = s if scope == "row" else s.reshape(*s.shape[:-2], 1, -1)     # [..., rows, n]
+    a2 = ascending(flat).double().square()
+    cum = a2.cumsum(-1).reshape(-1, flat.shape[-1]).sum(0)                # [n] over all rows
     cum = torch.cat([cum.new_zeros(1), cum])
     k = torch.tensor([pruned_count(flat.shape[-1], float(s)) for s in grid])
     rows = flat.numel() // flat.shape[-1]
