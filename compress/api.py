@@ -16,6 +16,7 @@ from compress.collect import MoEOptions
 from compress.config import build_config
 from compress.coverage import bits_per_weight, coverage, inventory, log_coverage, parameter_count
 from compress.errors import CompressError
+from compress.nn import ArmorLinear
 from compress.offload import lazy_of
 from compress.passes.base import PassConfig, make_config
 from compress.routing import MODES
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 def as_configs(passes) -> list[PassConfig]:
     """Accept configs or recipe-style entries `{name: {args}}`; validate each, the
     training data section of a model-level pass, and what a pass needs from the passes
-    after it (`PassConfig.link`) and before it (`PassConfig.follow`)."""
+    after it (`PassConfig.link`)."""
     out = []
     for i, p in enumerate(passes):
         if isinstance(p, PassConfig):
@@ -45,7 +46,6 @@ def as_configs(passes) -> list[PassConfig]:
             check_data(out[-1])
     for i, cfg in enumerate(out):   # passes that read the recipe after them (AWQ: the quant grid)
         cfg.link(out[i + 1:])
-        cfg.follow(out[:i])
     return out
 
 
@@ -99,8 +99,17 @@ def training_ids(cfg, calib_cfg, tokenizer, model, check_only: bool = False):
 
 
 def check_training(model, configs: list[PassConfig], calib_cfg, tokenizer) -> None:
-    """Fail on a model-level pass's missing training data before the sweep, not after it."""
-    for cfg in [c for c in configs if c.model_level]:
+    """Fail on a model-level pass's missing training data, or on PERP's armor_* sets with
+    no ARMOR layer to train (neither an armor pass before it nor one in the loaded
+    model), before the sweep, not after it."""
+    for k, cfg in enumerate(configs):
+        if not cfg.model_level:
+            continue
+        sets = getattr(cfg, "armor_sets", [])
+        if sets and not any(c.name == "armor" for c in configs[:k]) and not any(
+                isinstance(m, ArmorLinear) for m in model.modules()):
+            raise CompressError(f"perp.train: {sets[0]} trains ARMOR's layers, but no armor pass runs before perp "
+                                f"and the model has none")
         if lazy_of(model) is not None:
             raise CompressError(f"runner.offload: {cfg.name} trains the whole model at once; it cannot run offloaded")
         training_ids(cfg, calib_cfg, tokenizer, None, check_only=True)

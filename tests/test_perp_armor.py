@@ -98,7 +98,7 @@ def test_masklora_goes_on_the_linears_armor_left(tiny_llama, tiny_tokenizer):
 
 @pytest.mark.parametrize("passes, match", [
     ([{"sparsegpt": {"pattern": "2:4"}}, {"perp": {"train": ["armor_wrappers"]}}],
-     "perp.train: armor_wrappers trains the layers ARMOR packs, but no armor pass runs before perp"),
+     "perp.train: armor_wrappers trains ARMOR's layers, but no armor pass runs before perp and the model has none"),
     ([{"armor": {"block_size": 16}}, {"perp": {"train": ["norm", "masklora"]}}],
      "passes: perp runs after armor on model.layers.0.self_attn.q_proj, but armor packs the weights"),
     ([{"armor": {"block_size": 16}}, {"perp": {"train": ["armor_core"], "mode": "reconstruct"}}],
@@ -140,3 +140,18 @@ def test_bad_armor_lr(value):
 
     with pytest.raises(CompressError, match="perp.armor_lr: expected a positive number"):
         make_config("perp", {"train": ["armor_core"], "armor_lr": value})
+
+
+def test_perp_on_a_saved_armor_model(tiny_llama, tiny_tokenizer, tmp_path):
+    # ARMOR in one run, saved; PERP's armor_* sets in another on the loaded model (no armor pass in that recipe)
+    ids = torch.randint(0, len(tiny_tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
+    model, report = compress.run(tiny_llama, [{"armor": {"block_size": 16, "iters": 2}}], calib=ids, batch_size=4)
+    out = compress.save(str(tmp_path / "armor"), model, tiny_tokenizer, report=report)
+    loaded, tok = compress.load(str(out), dtype=torch.float32)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    perp = {"train": ["armor_core"], "steps": 3, "lr": 1e-2, "armor_lr": 1e-2, "data": SELF}
+    loaded, rep = compress.run(loaded, [{"perp": perp}], calib=ids, tokenizer=tok, batch_size=4)
+    after = loaded.state_dict()
+    changed = [k for k in after if k.endswith(".values") and not torch.equal(after[k], before[k])]
+    assert len(changed) == 14 and rep["training"]["perp"]["adapters"] == 14
+    assert all(torch.equal(after[k], before[k]) for k in after if k.endswith(".positions"))

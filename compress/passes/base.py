@@ -50,10 +50,6 @@ class PassConfig:
         """See the passes after this one in the recipe (AWQ takes its grid from the quant
         pass that follows it); raise CompressError if what it needs is missing."""
 
-    def follow(self, earlier: list) -> None:
-        """See the passes before this one in the recipe (PERP's armor_* sets train the
-        layers an armor pass packed); raise CompressError if what it needs is missing."""
-
     def trains_packed(self, packer: "PassConfig") -> bool:
         """Whether this pass works on the runtime modules the packing pass `packer`
         leaves, rather than on dense weights (so it may run after it on its layers)."""

@@ -120,11 +120,6 @@ class PerpConfig(PassConfig):
     def armor_sets(self) -> list[str]:
         return [t for t in self.train if t in ARMOR_SETS]
 
-    def follow(self, earlier: list) -> None:
-        if self.armor_sets and not any(c.name == "armor" for c in earlier):
-            raise CompressError(f"perp.train: {self.armor_sets[0]} trains the layers ARMOR packs, but no armor pass "
-                                f"runs before perp")
-
     def trains_packed(self, packer: PassConfig) -> bool:
         """Whether this run trains the layers `packer` packs (ARMOR's, with armor_*), so
         that its adapters go on the other linears only."""
