@@ -52,7 +52,7 @@ def test_run_writes_loadable_checkpoint(tmp_path, tiny_dir, corpus, tiny_tokeniz
     assert report["passes"] == [{"wanda": {"targets": [".*"], "ignore": [], "sparsity": None,
                                            "pattern": "2:4", "scope": "row", "allocation": "uniform",
                                            "owl_m": 5.0, "owl_lambda": 0.08, "budget_spread": 0.2, "budget_weight": "influence",
-                                           "survey_samples": 32}}]
+                                           "survey_samples": 16}}]
     resolved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert resolved["passes"][0]["wanda"]["pattern"] == "2:4"  # the --set override, as run
     assert resolved["calib"]["seed"] == 0 and resolved["runner"]["batch_size"] == 8  # defaults filled in

@@ -30,6 +30,11 @@ Each iteration has two steps.
 
 A step that raises the loss is undone, and the best iterate is kept. So the final loss
 is at most the loss at the start: the paper's guarantee.
+
+The loop works on the transpose, W^T ~ B^T S^T A^T: a core group (4 consecutive inputs)
+is then 4 consecutive rows, so every elementwise op streams contiguous memory (the loop
+is memory bound on the CPU), and the gradients are written out by hand (`forward_backward`)
+rather than kept in an autograd graph. tests/test_armor.py checks them against autograd.
 """
 from __future__ import annotations
 
@@ -107,7 +112,8 @@ Armor = ArmorConfig
 
 
 class ProxyLoss:
-    """L(W_hat) / L(0) for the diag or full loss; H [in, in] (full) or h [in] (diag)."""
+    """L(W_hat) / L(0) for the diag or full loss, on the transposed problem: W [in, out]
+    (the layer's weight transposed, rows are inputs), H [in, in] (full) or h [in] (diag)."""
 
     def __init__(self, W: torch.Tensor, H: Optional[torch.Tensor], h: torch.Tensor):
         self.W, self.H, self.h = W, H, h
@@ -115,7 +121,8 @@ class ProxyLoss:
         self.scale = 1.0 / max(float(self(torch.zeros_like(W))), 1e-30)
 
     def times_H(self, E: torch.Tensor) -> torch.Tensor:
-        return E @ self.H if self.H is not None else E * self.h
+        """H E for E [..., in, k]."""
+        return torch.matmul(self.H, E) if self.H is not None else E * self.h[:, None]
 
     def __call__(self, W_hat: torch.Tensor) -> torch.Tensor:
         E = self.W - W_hat
@@ -125,7 +132,7 @@ class ProxyLoss:
         """The b x b diagonal blocks of H, [in/b, b, b]."""
         if self.H is None:
             return torch.diag_embed(self.h.reshape(-1, b))
-        n = self.W.shape[1] // b
+        n = self.W.shape[0] // b
         return self.H.reshape(n, b, n, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
@@ -154,76 +161,100 @@ def nowag_score(W: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return s / s.max().clamp_min(1e-30)
 
 
-def group_Q(B: torch.Tensor, loss: ProxyLoss, b: int) -> torch.Tensor:
-    """Q_c = B_c H B_c^T for every group c of 4 core columns, [in/4, 4, 4] (B_c: rows
-    c..c+3 of blockdiag(B), nonzero only in one block, so only H's diagonal blocks enter)."""
-    nB, gpb = B.shape[0], b // 4
-    BHB = B @ loss.H_blocks(b) @ B.transpose(1, 2)                                   # [nB, b, b]
+def group_Q(Bt: torch.Tensor, loss: ProxyLoss, b: int) -> torch.Tensor:
+    """Q_c = B_c H B_c^T for every group c of 4 core inputs, [in/4, 4, 4] (B_c: rows
+    c..c+3 of blockdiag(B), nonzero only in one block, so only H's diagonal blocks enter).
+    Bt [in/b, b, b] holds the blocks of B^T."""
+    nB, gpb = Bt.shape[0], b // 4
+    BHB = Bt.transpose(1, 2) @ loss.H_blocks(b) @ Bt                                 # [nB, b, b]
     Q = BHB.reshape(nB, gpb, 4, gpb, 4).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(-1, 4, 4)
     return Q + 1e-6 * Q.diagonal(dim1=1, dim2=2).mean() * torch.eye(4, device=Q.device)
 
 
-def best_support(g: torch.Tensor, Qi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """max over the 6 supports (p, q) of every group of g_S^T Q_S^-1 g_S, and its index:
-    g [out, in/4, 4], Qi [in/4, 6, 2, 2] the inverses of Q restricted to each support.
-    Support by support on [out, in/4] planes with a running max: no [out, in/4, 6]
-    gathers (2.3x faster single-threaded on a 576 x 1536 layer than gathering g for all six;
-    tests/test_armor.py keeps that form as the slow twin)."""
-    a, b2, c = (x.T.contiguous() for x in (Qi[..., 0, 0], 2 * Qi[..., 0, 1], Qi[..., 1, 1]))   # [6, in/4]
-    gs = g.unbind(-1)
+def best_value(g: torch.Tensor, Qi: torch.Tensor) -> torch.Tensor:
+    """max over the 6 supports (p, q) of every group of g_S^T Q_S^-1 g_S: g [in/4, 4, out]
+    (group c's four entries for output r at g[c, :, r]), Qi [in/4, 6, 2, 2] the inverses of
+    Q restricted to each support; returns [in/4, out]. Support by support on contiguous
+    [in/4, out] planes with a running max, so every op streams memory once (which support
+    wins is asked only of the picked groups: `best_support`)."""
+    a, b2, c = (x.T[..., None] for x in (Qi[..., 0, 0], 2 * Qi[..., 0, 1], Qi[..., 1, 1]))   # [6, in/4, 1]
+    gs = g.unbind(1)                                                            # 4 x [in/4, out]
     sq = [x * x for x in gs]
-    best = k = None
+    best = None
     for j, (p, q) in enumerate(PAIRS.tolist()):
-        v = torch.addcmul(torch.addcmul(sq[p] * a[j], sq[q], c[j]), gs[p] * gs[q], b2[j])   # [out, in/4]
-        if best is None:
-            best, k = v, torch.zeros_like(v, dtype=torch.long)
-        else:   # strictly greater: ties keep the first support, as max(-1) does
-            better = v > best
-            best, k = torch.where(better, v, best), torch.where(better, j, k)
-    return best, k
+        v = torch.addcmul(torch.addcmul(sq[p] * a[j], sq[q], c[j]), gs[p] * gs[q], b2[j])   # [in/4, out]
+        best = v if best is None else torch.maximum(best, v, out=best)
+    return best
+
+
+def best_support(g: torch.Tensor, Qi: torch.Tensor) -> torch.Tensor:
+    """The support (0..5, an index into PAIRS) of largest g_S^T Q_S^-1 g_S for each of n
+    groups: g [n, 4], Qi [n, 6, 2, 2]. Ties go to the first support."""
+    gS = g[:, PAIRS.to(g.device)]                                               # [n, 6, 2]
+    return (gS[..., None, :] @ Qi @ gS[..., None])[..., 0, 0].argmax(-1)
+
+
+def forward_backward(loss: ProxyLoss, Wc: torch.Tensor, Bt: torch.Tensor, S: torch.Tensor, At: torch.Tensor):
+    """The loss at W_hat^T = B^T S^T A^T and its gradients, by hand (transposed problem).
+    Wc [out/b, in, b]: W^T's column blocks; Bt [in/b, b, b], At [out/b, b, b]: the blocks of
+    B^T and A^T; S [in, out]: the core S^T. Returns (L, G, dL/dBt, dL/dAt) with
+    G = B (H E) A [in, out], so that dL/dS = -2 scale G (E = W^T - W_hat^T)."""
+    d_in, out = S.shape
+    nB, b, nA = Bt.shape[0], Bt.shape[1], At.shape[0]
+    BS = torch.bmm(Bt, S.view(nB, b, out)).view(d_in, out)                     # B^T S^T, rows
+    BS_c = BS.view(d_in, nA, b).transpose(0, 1)                                 # its column blocks (a view)
+    E = torch.baddbmm(Wc, BS_c, At, alpha=-1)                                   # E, column blocks [nA, in, b]
+    R = loss.times_H(E)                                                         # H E
+    L = torch.dot(E.view(-1), R.view(-1)) * loss.scale
+    RA = torch.bmm(R, At.transpose(1, 2)).transpose(0, 1).reshape(d_in, out)    # (H E) A, rows (one copy)
+    G = torch.bmm(Bt.transpose(1, 2), RA.view(nB, b, out)).view(d_in, out)      # B (H E) A
+    c = -2 * loss.scale
+    dBt = torch.bmm(RA.view(nB, b, out), S.view(nB, b, out).transpose(1, 2)).mul_(c)   # blocks of (H E) A S
+    dAt = torch.bmm(BS_c.transpose(1, 2), R).mul_(c)                                   # blocks of S B (H E)
+    return L, G, dBt, dAt
 
 
 @torch.no_grad()
-def discrete_step(A, B, V, M, G, loss: ProxyLoss, b: int, before: float) -> int:
+def discrete_step(Bt, At, V, M, G, loss: ProxyLoss, b: int, before: float) -> int:
     """Re-solve the core group of largest loss drop in every (A block, B block) pair,
-    over the 6 supports. G = A^T (E H) B^T [out, in] at the current factors (minus half
-    the loss gradient wrt the core); `before` is the current loss. Edits V, M in place;
-    returns the number of groups changed. Undone if the loss rises (full loss only:
-    there groups in one row interact)."""
-    out, d_in = V.shape
+    over the 6 supports, on the transposed problem: V, M [in, out] the core values and
+    mask transposed, G = B (H E) A [in, out] (forward_backward), `before` the current
+    loss. Edits V, M in place; returns the number of groups changed. Undone if the loss
+    rises (full loss only: there groups in one output interact)."""
+    d_in, out = V.shape
     nA, nB, gpb = out // b, d_in // b, b // 4
-    S = V * M
-    Q = group_Q(B, loss, b)                                                     # [in/4, 4, 4]
-    an = A.square().sum(1).reshape(out).clamp_min(1e-12)[:, None]              # |a_r|^2  [out, 1]
-    s_old = S.reshape(out, -1, 4)
-    qs = an[..., None] * torch.einsum("gpq,ogq->ogp", Q, s_old)                # q s_old
-    g = G.reshape(out, -1, 4) + qs                                              # [out, in/4, 4]
-    current = 2 * (g * s_old).sum(-1) - (s_old * qs).sum(-1)                    # [out, in/4]
+    s_old = (V * M.to(V.dtype)).view(-1, 4, out)                                # groups [in/4, 4, out]
+    Q = group_Q(Bt, loss, b)                                                    # [in/4, 4, 4]
+    an = At.square().sum(2).reshape(out).clamp_min(1e-12)                       # |a_r|^2 (column r of A)  [out]
+    qs = torch.bmm(Q, s_old).mul_(an)                                           # |a_r|^2 Q_c s_old
+    g = G.view(-1, 4, out) + qs                                                 # [in/4, 4, out]
+    current = (2 * g - qs).mul_(s_old).sum(1)                                   # 2 g.s - |a_r|^2 s Q s  [in/4, out]
     pairs = PAIRS.to(V.device)
     Qi = torch.linalg.inv(Q[:, pairs[:, :, None], pairs[:, None, :]])          # [in/4, 6, 2, 2]
-    value, k = best_support(g, Qi)
-    value = value / an
-    gain = (value - current).reshape(nA, b, nB, gpb).permute(0, 2, 1, 3).reshape(nA, nB, b * gpb)
-    best, pick = gain.max(-1)                                                   # [nA, nB]
-    jA, kB = torch.meshgrid(torch.arange(nA, device=V.device), torch.arange(nB, device=V.device), indexing="ij")
-    r = (jA * b + pick // gpb)[best > 0]
-    c = (kB * gpb + pick % gpb)[best > 0]                                       # group along the input
+    gain = best_value(g, Qi).div_(an).sub_(current)                                         # [in/4, out]
+    gain = gain.view(nB, gpb, nA, b).permute(0, 2, 1, 3).reshape(nB, nA, gpb * b)
+    best, pick = gain.max(-1)                                                   # [nB, nA]
+    kB, jA = torch.meshgrid(torch.arange(nB, device=V.device), torch.arange(nA, device=V.device), indexing="ij")
+    r = (jA * b + pick % b)[best > 0]                                           # output
+    c = (kB * gpb + pick // b)[best > 0]                                        # group along the input
     if r.numel() == 0:
         return 0
-    kk = k[r, c]
-    sS = (Qi[c, kk] @ g[r[:, None], c[:, None], pairs[kk]][..., None])[..., 0] / an[r]      # [n, 2]
+    gc = g[c, :, r]                                                             # the picked groups [n, 4]
+    kk = best_support(gc, Qi[c])
+    sS = (Qi[c, kk] @ gc.gather(1, pairs[kk])[..., None])[..., 0] / an[r, None]             # [n, 2]
     new = torch.zeros(r.numel(), 4, device=V.device).scatter_(1, pairs[kk], sS)
     support = torch.zeros(r.numel(), 4, dtype=torch.bool, device=V.device).scatter_(1, pairs[kk], True)
-    cols = c[:, None] * 4 + torch.arange(4, device=V.device)
-    old_V, old_M = V[r[:, None], cols], M[r[:, None], cols]
-    V[r[:, None], cols], M[r[:, None], cols] = new, support
-    if loss.H is not None and loss(factor_product(A, V * M, B)) > before:
-        V[r[:, None], cols], M[r[:, None], cols] = old_V, old_M
+    rows = c[:, None] * 4 + torch.arange(4, device=V.device)                    # [n, 4] inputs
+    old_V, old_M = V[rows, r[:, None]], M[rows, r[:, None]]
+    V[rows, r[:, None]], M[rows, r[:, None]] = new, support.to(M.dtype)
+    if loss.H is not None and loss(factor_product(Bt, V * M.to(V.dtype), At)) > before:
+        V[rows, r[:, None]], M[rows, r[:, None]] = old_V, old_M
         return 0
     return int(r.numel())
 
 
 @register("armor", ArmorConfig)
+@torch.no_grad()
 def armor(layer: Layer, cfg: ArmorConfig) -> None:
     W = layer.W_dense.to(layer.W.device).float()                  # the target is the dense weight
     out, d_in = W.shape
@@ -231,33 +262,33 @@ def armor(layer: Layer, cfg: ArmorConfig) -> None:
     b, dev = cfg.block_size, W.device
     st = layer.stats
     h = (st.sumsq * (2.0 / max(st.n, 1))).float().to(dev)         # diag(H), H = (2/n) X^T X
-    loss = ProxyLoss(W, st.hessian().to(dev) if cfg.loss == "full" else None, h)
     V, M = start(layer, cfg, W, h)
     eye = lambda n: torch.eye(b, device=dev).repeat(n, 1, 1)  # noqa: E731  [n, b, b] identity blocks
     start_res = ArmorResult(eye(out // b).to(FACTOR_DTYPE), eye(d_in // b).to(FACTOR_DTYPE), V.to(FACTOR_DTYPE), M.clone())
-    A, B = eye(out // b).requires_grad_(True), eye(d_in // b).requires_grad_(True)
-    V = V.clone().requires_grad_(True)
-    opt = torch.optim.Adam([A, B, V], lr=cfg.lr)
-    best_loss, best = float("inf"), None
-    swaps = 0
+    Wt = W.T.contiguous()                                         # the transposed problem (module docstring)
+    loss = ProxyLoss(Wt, st.hessian().to(dev) if cfg.loss == "full" else None, h)
+    Wc = Wt.view(d_in, out // b, b).transpose(0, 1).contiguous()  # W^T's column blocks [out/b, in, b]
+    Bt, At = eye(d_in // b).requires_grad_(True), eye(out // b).requires_grad_(True)
+    Vt, Mt = V.T.contiguous().requires_grad_(True), M.T.contiguous()
+    opt = torch.optim.Adam([Bt, At, Vt], lr=cfg.lr, fused=dev.type in ("cpu", "cuda") or None)
+    best_loss, best, swaps = float("inf"), None, 0
     for it in range(cfg.n_iters + 1):
-        with torch.enable_grad():
-            S = V * M
-            S.retain_grad()
-            L = loss(factor_product(A, S, B))
-            if L.item() < best_loss:
-                best_loss, best = L.item(), (A.detach().clone(), B.detach().clone(), S.detach().clone(), M.clone())
-            if it == cfg.n_iters:
-                break
-            opt.zero_grad(set_to_none=True)
-            L.backward()
-        # (b) then (a), both from this point's gradient: dL/dS = -2 scale A^T (E H) B^T
-        G = S.grad / (-2 * loss.scale)
-        swaps += discrete_step(A.detach(), B.detach(), V.detach(), M, G, loss, b, L.item())
+        Mf = Mt.to(Vt.dtype)
+        S = Vt * Mf                                               # S^T [in, out]
+        L, G, Bt.grad, At.grad = forward_backward(loss, Wc, Bt, S, At)
+        if L.item() < best_loss:
+            best_loss, best = L.item(), (Bt.clone(), At.clone(), S, Mt.clone())
+        if it == cfg.n_iters:
+            break
+        Vt.grad = (G * Mf).mul_(-2 * loss.scale)                  # dL/dV at this point's mask
+        # (b) then (a), both from this point's gradient
+        swaps += discrete_step(Bt, At, Vt, Mt, G, loss, b, L.item())
         opt.step()
-    res = ArmorResult(*(t.to(FACTOR_DTYPE) for t in best[:3]), best[3])
+    Bt, At, S, Mt = best
+    A, B, core = (t.to(FACTOR_DTYPE).contiguous() for t in (At.transpose(1, 2), Bt.transpose(1, 2), S.T))
+    res = ArmorResult(A, B, core, Mt.T.contiguous())
     W0, W1 = start_res.dequantize(), res.dequantize()
-    l0, l1 = float(loss(W0)), float(loss(W1))
+    l0, l1 = float(loss(W0.T)), float(loss(W1.T))
     if l1 > l0:                                                    # never worse than the start
         res, W1, l1 = start_res, W0, l0
     layer.packed = res
