@@ -268,12 +268,13 @@ def test_hand_gradients_equal_autograd(kind):
 @pytest.mark.parametrize("kind,before", [("diag", 0.0067479), ("full", 0.0034030)])
 def test_fast_loop_reaches_the_autograd_loops_loss(kind, before):
     # The loop before hand gradients and the transposed layout (autograd, unfused Adam,
-    # commit 3337252) ended this seeded toy at `before`; the fast loop must end within 1 %
-    # of it or below.
+    # commit 3337252, 2 threads) ended this seeded toy at `before`; the fast loop must end
+    # within 3 % of it or below. (The greedy picks amplify rounding: the same code on 1
+    # thread instead of 2 ends 1.2 % apart. On 2 threads it ends at 0.006736 and 0.003403.)
     g = torch.Generator().manual_seed(0)
     X = correlated_inputs(512, 128, seed=3)
     W = torch.randn(96, 128, generator=g) / 128 ** 0.5
     layer = chain(W, stats_of(X), ("sparsegpt", {"pattern": "2:4"}), ("armor", {"block_size": 16, "loss": kind}))
     start, end = layer.info["armor_loss"]
     assert start == pytest.approx(0.07318 if kind == "diag" else 0.030548, rel=1e-4)   # the same start
-    assert end <= 1.01 * before
+    assert end <= 1.03 * before

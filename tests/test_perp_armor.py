@@ -155,3 +155,27 @@ def test_perp_on_a_saved_armor_model(tiny_llama, tiny_tokenizer, tmp_path):
     changed = [k for k in after if k.endswith(".values") and not torch.equal(after[k], before[k])]
     assert len(changed) == 14 and rep["training"]["perp"]["adapters"] == 14
     assert all(torch.equal(after[k], before[k]) for k in after if k.endswith(".positions"))
+
+
+def test_armor_perp_result_exports_folded(tiny_llama, tiny_tokenizer, tmp_path):
+    # Deployable as ARMOR is: saved, reloaded, then exported with fold to compressed-tensors
+    # and GGUF, whose stored weights are the merged layers' effective weights A S B.
+    np = pytest.importorskip("numpy")
+    gguf = pytest.importorskip("gguf")
+    from safetensors.torch import load_file
+
+    from compress.export import ExportConfig, export_folder
+
+    ids = torch.randint(0, len(tiny_tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
+    perp = {"train": ["norm", "armor_wrappers", "armor_core"], "steps": 3, "lr": 1e-2, "data": SELF}
+    model, report = compress.run(tiny_llama, [{"sparsegpt": {"pattern": "2:4"}}, {"armor": {"block_size": 16, "iters": 2}},
+                                              {"perp": perp}], calib=ids, tokenizer=tiny_tokenizer, batch_size=4)
+    out = compress.save(str(tmp_path / "out"), model, tiny_tokenizer, report=report)
+    want = {n: m.effective_weight().detach().float() for n, m in model.named_modules() if isinstance(m, ArmorLinear)}
+    ct = export_folder(str(out), str(tmp_path / "ct"), ExportConfig(format="compressed-tensors", fold=True, dtype="float32"))
+    sd = load_file(str(ct / "model.safetensors"))
+    assert len(want) == 14 and all(torch.equal(sd[f"{n}.weight"], W) for n, W in want.items())
+    gg = export_folder(str(out), str(tmp_path / "gguf"), ExportConfig(format="gguf", fold=True, gguf_type="F16"))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(gg / "model.gguf")).tensors}
+    down = np.asarray(tensors["blk.0.ffn_down.weight"].data, dtype=np.float32)       # [out, in], F16
+    assert np.allclose(down, want["model.layers.0.mlp.down_proj"].numpy(), atol=1e-3, rtol=1e-3)

@@ -215,20 +215,21 @@ def forward_backward(loss: ProxyLoss, Wc: torch.Tensor, Bt: torch.Tensor, S: tor
 
 
 @torch.no_grad()
-def discrete_step(Bt, At, V, M, G, loss: ProxyLoss, b: int, before: float) -> int:
+def discrete_step(Bt, At, V, M, G, loss: ProxyLoss, b: int, before: float, S=None) -> int:
     """Re-solve the core group of largest loss drop in every (A block, B block) pair,
     over the 6 supports, on the transposed problem: V, M [in, out] the core values and
     mask transposed, G = B (H E) A [in, out] (forward_backward), `before` the current
-    loss. Edits V, M in place; returns the number of groups changed. Undone if the loss
-    rises (full loss only: there groups in one output interact)."""
+    loss, S = V * M if the caller has it. Edits V, M (bool or float) in place; returns the
+    number of groups changed. Undone if the loss rises (full loss only: there groups in one
+    output interact)."""
     d_in, out = V.shape
     nA, nB, gpb = out // b, d_in // b, b // 4
-    s_old = (V * M.to(V.dtype)).view(-1, 4, out)                                # groups [in/4, 4, out]
+    s_old = (V * M.to(V.dtype) if S is None else S).view(-1, 4, out)            # groups [in/4, 4, out]
     Q = group_Q(Bt, loss, b)                                                    # [in/4, 4, 4]
     an = At.square().sum(2).reshape(out).clamp_min(1e-12)                       # |a_r|^2 (column r of A)  [out]
     qs = torch.bmm(Q, s_old).mul_(an)                                           # |a_r|^2 Q_c s_old
     g = G.view(-1, 4, out) + qs                                                 # [in/4, 4, out]
-    current = (2 * g - qs).mul_(s_old).sum(1)                                   # 2 g.s - |a_r|^2 s Q s  [in/4, out]
+    current = (g + G.view(-1, 4, out)).mul_(s_old).sum(1)                       # 2 g.s - |a_r|^2 s Q s  [in/4, out]
     pairs = PAIRS.to(V.device)
     Qi = torch.linalg.inv(Q[:, pairs[:, :, None], pairs[:, None, :]])          # [in/4, 6, 2, 2]
     gain = best_value(g, Qi).div_(an).sub_(current)                                         # [in/4, out]
@@ -269,24 +270,23 @@ def armor(layer: Layer, cfg: ArmorConfig) -> None:
     loss = ProxyLoss(Wt, st.hessian().to(dev) if cfg.loss == "full" else None, h)
     Wc = Wt.view(d_in, out // b, b).transpose(0, 1).contiguous()  # W^T's column blocks [out/b, in, b]
     Bt, At = eye(d_in // b).requires_grad_(True), eye(out // b).requires_grad_(True)
-    Vt, Mt = V.T.contiguous().requires_grad_(True), M.T.contiguous()
+    Vt, Mt = V.T.contiguous().requires_grad_(True), M.T.to(V.dtype).contiguous()   # a float mask: x * (bool M) is slow
     opt = torch.optim.Adam([Bt, At, Vt], lr=cfg.lr, fused=dev.type in ("cpu", "cuda") or None)
     best_loss, best, swaps = float("inf"), None, 0
     for it in range(cfg.n_iters + 1):
-        Mf = Mt.to(Vt.dtype)
-        S = Vt * Mf                                               # S^T [in, out]
+        S = Vt * Mt                                               # S^T [in, out]
         L, G, Bt.grad, At.grad = forward_backward(loss, Wc, Bt, S, At)
         if L.item() < best_loss:
             best_loss, best = L.item(), (Bt.clone(), At.clone(), S, Mt.clone())
         if it == cfg.n_iters:
             break
-        Vt.grad = (G * Mf).mul_(-2 * loss.scale)                  # dL/dV at this point's mask
+        Vt.grad = (G * Mt).mul_(-2 * loss.scale)                  # dL/dV at this point's mask
         # (b) then (a), both from this point's gradient
-        swaps += discrete_step(Bt, At, Vt, Mt, G, loss, b, L.item())
+        swaps += discrete_step(Bt, At, Vt, Mt, G, loss, b, L.item(), S)
         opt.step()
     Bt, At, S, Mt = best
     A, B, core = (t.to(FACTOR_DTYPE).contiguous() for t in (At.transpose(1, 2), Bt.transpose(1, 2), S.T))
-    res = ArmorResult(A, B, core, Mt.T.contiguous())
+    res = ArmorResult(A, B, core, Mt.T > 0)
     W0, W1 = start_res.dequantize(), res.dequantize()
     l0, l1 = float(loss(W0.T)), float(loss(W1.T))
     if l1 > l0:                                                    # never worse than the start
