@@ -57,6 +57,7 @@ SELF = {"source": "self", "nsamples": 8, "seqlen": 32}   # PERP's training text,
 
 
 def test_end_to_end_lowers_the_loss_keeps_positions_and_reloads(tiny_llama, tiny_tokenizer, tmp_path):
+    dense_params = sum(p.numel() for p in tiny_llama.parameters())
     ids = torch.randint(0, len(tiny_tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
     armored, _ = compress.run(copy.deepcopy(tiny_llama), [{"sparsegpt": {"pattern": "2:4"}},
                                                           {"armor": {"block_size": 16, "iters": 5}}], calib=ids,
@@ -78,6 +79,7 @@ def test_end_to_end_lowers_the_loss_keeps_positions_and_reloads(tiny_llama, tiny
     wrappers = sum(m.A.numel() + m.B.numel() + m.values.numel() for m in mods.values())
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     assert tr["trainable_params"] == wrappers + norms
+    assert tr["trainable_pct"] == pytest.approx(100 * (wrappers + norms) / dense_params)   # of the model as a dense one
     with torch.no_grad():
         logits = model(ids).logits
     out = compress.save(str(tmp_path / "out"), model, tiny_tokenizer, report=report)
