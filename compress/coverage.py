@@ -24,6 +24,7 @@ from torch import nn
 
 from compress.experts import find_experts
 from compress.models import find_blocks, is_linear, is_router
+from compress.nn.base import dense_parameters
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,10 @@ def _outside(model) -> int:
 
 
 def parameter_count(model) -> int:
-    """Parameters of the whole model, a tied embedding and head counted once: taken
+    """Parameters of the whole model as a dense one, a tied embedding and head counted
+    once, a packed layer (a loaded compressed checkpoint) as its in x out weight: taken
     before the run, it prices the dense model (2 bytes each in 16 bits) for the summary."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return dense_parameters(model)
 
 
 def bits_per_weight(model, rows: list[dict]) -> Optional[float]:

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from compress.errors import CompressError
 from compress.experts import find_experts
 from compress.models import block_linears, find_blocks, head_of
-from compress.nn import ArmorLinear, PackedLinear
+from compress.nn import ArmorLinear
+from compress.nn.base import dense_parameters
 from compress.optim import adamw
 from compress.passes.base import PassConfig
 from compress.passes.perp import attach, merge
@@ -100,9 +101,7 @@ def retrain(model, ids: torch.LongTensor, cfg, device: torch.device) -> dict:
     head = head_of(model)   # the model's own output embeddings, whatever their name
     if "lm_head" in cfg.train and head is None:
         raise CompressError("perp.train: lm_head asked for, but the model's output head is not a linear layer")
-    # the model as a dense one: packed layers (ARMOR, quantized) hold their weight in buffers
-    total_params = sum(p.numel() for p in model.parameters()) + sum(
-        m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
+    total_params = dense_parameters(model)   # packed layers (ARMOR's) count as their dense weight
     adapters, params = attach(model, cfg, [n for n in linears if cfg.applies_to(n)], head, experts,
                               armor_layers(model, cfg, prefix, blocks))
     trainable = sum(p.numel() for p in params)

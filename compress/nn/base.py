@@ -94,3 +94,10 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.meta().items() if k != "type")
+
+
+def dense_parameters(model: nn.Module) -> int:
+    """Parameters of `model` as a dense model: its parameters (a tied embedding and head
+    once) plus the in x out weight of every packed layer, which holds it in buffers."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
